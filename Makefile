@@ -48,15 +48,25 @@ bench: setup ## efficiency benchmark: time and memory against sequence length
 results: setup ## rebuild results/lra.md from the committed run summaries
 	$(PY) -m lra.results $(ARGS)
 
-# The reduced-recipe table for a machine without a GPU (slow on 2 cores): every attention on the tasks whose
-# data is at hand. Failed runs are still collected (and listed as failed); the exit status is the sweep's.
-RESULTS_CPU_TASKS ?= listops,text,image
+# The reduced-recipe table for a machine without a GPU: every attention on the tasks whose data is at hand.
+# One process per run, one after another, so that no run's peak memory or thread pools carry over into the
+# next (a Hydra multirun would train them all in one process). Failed runs are still collected (and listed
+# as failed); the exit status says whether any run failed. Each call writes a new, dated folder.
+comma := ,
+RESULTS_CPU_TASKS ?= listops,text,image,pathfinder
+RESULTS_CPU_ATTENTIONS ?= softmax,taylorshift,fastmax,performer,linformer
 RESULTS_CPU_SEEDS ?= 0
-RESULTS_CPU_DIR ?= multirun/results-cpu
-results-cpu: setup ## profile=cpu grid, summaries copied to results/runs/, tables rebuilt
-	$(PY) train.py -m task=$(RESULTS_CPU_TASKS) attention=softmax,taylorshift,fastmax,performer,linformer \
-		seed=$(RESULTS_CPU_SEEDS) profile=cpu logger=csv hydra.sweep.dir=$(RESULTS_CPU_DIR) $(ARGS); \
-	status=$$?; \
+RESULTS_CPU_STARTED := $(shell date +%Y-%m-%d_%H-%M-%S)
+RESULTS_CPU_DIR ?= multirun/results-cpu/$(RESULTS_CPU_STARTED)
+results-cpu: setup ## profile=cpu grid (one process per run), summaries copied to results/runs/, tables rebuilt
+	@status=0; \
+	for task in $(subst $(comma), ,$(RESULTS_CPU_TASKS)); do \
+	for attention in $(subst $(comma), ,$(RESULTS_CPU_ATTENTIONS)); do \
+	for seed in $(subst $(comma), ,$(RESULTS_CPU_SEEDS)); do \
+		echo "== results-cpu: task=$$task attention=$$attention seed=$$seed"; \
+		$(PY) train.py task=$$task attention=$$attention seed=$$seed profile=cpu logger=csv \
+			hydra.run.dir=$(RESULTS_CPU_DIR)/$${task}_$${attention}_seed$$seed $(ARGS) || status=1; \
+	done; done; done; \
 	$(PY) -m lra.results --collect $(RESULTS_CPU_DIR) --runs results/runs && exit $$status
 
 cfg: setup ## show how the config is composed

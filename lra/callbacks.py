@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import resource
 import sys
 import time
@@ -87,27 +88,80 @@ class ThroughputMonitor(L.Callback):
 
 
 def process_peak_rss_gb() -> float:
-    """Peak resident memory of this process (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident memory of this process: ``VmHWM`` on Linux (resettable), else ``ru_maxrss``."""
+    peak_kib = _proc_status_kib("VmHWM")
+    if peak_kib is not None:
+        return peak_kib / 1024**2
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
 
 
+def process_rss_gb() -> float | None:
+    """Current resident memory of this process (Linux only, else None)."""
+    rss_kib = _proc_status_kib("VmRSS")
+    return None if rss_kib is None else rss_kib / 1024**2
+
+
+def reset_process_peak_rss() -> bool:
+    """Restart the peak-RSS counter at the current RSS (Linux: ``clear_refs`` 5); False where unsupported.
+
+    A Hydra multirun trains its jobs one after another in one process: without the reset, every job would
+    report the largest peak of all the jobs before it.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return _proc_status_kib("VmHWM") is not None
+
+
+def _proc_status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 class PeakMemoryMonitor(L.Callback):
-    """``perf/peak_mem_gb``: CUDA peak allocated memory on a GPU, the process peak RSS on a CPU."""
+    """``perf/peak_mem_gb``: CUDA peak allocated memory on a GPU, the process peak RSS on a CPU.
+
+    On a CPU the peak counts from the start of training (the counter is reset there, on Linux), so jobs of a
+    multirun do not inherit each other's peaks; ``rss_at_train_start_gb`` is what was already resident then
+    (libraries, data, and whatever earlier jobs of the same process left behind).
+    """
 
     def __init__(self) -> None:
         self.summary: dict[str, Any] = {}
+        self._cpu_extra: dict[str, Any] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+            return
+        gc.collect()
+        since_train_start = reset_process_peak_rss()
+        self._cpu_extra = {
+            # process_peak_rss_cumulative: the counter could not be reset (not Linux); the peak is the
+            # process's since it started, earlier jobs of a multirun included.
+            "peak_mem_kind": "process_peak_rss" if since_train_start else "process_peak_rss_cumulative",
+            "rss_at_train_start_gb": process_rss_gb(),
+        }
 
     def _measure(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(pl_module.device) / 1024**3
             self.summary = {"peak_mem_gb": peak, "peak_mem_kind": "cuda_max_allocated"}
         else:
-            self.summary = {"peak_mem_gb": process_peak_rss_gb(), "peak_mem_kind": "process_peak_rss"}
+            self.summary = {
+                "peak_mem_gb": process_peak_rss_gb(),
+                "peak_mem_kind": "process_peak_rss_cumulative",
+                **self._cpu_extra,
+            }
 
     def _log(self, pl_module: L.LightningModule) -> None:
         # Under DDP: the largest rank's peak, the one that decides whether a run fits.
