@@ -1,8 +1,8 @@
 """The LRA Transformer encoder with a pluggable attention (the LRA paper's "Transformer" baseline).
 
-Token embedding (N(0, 1), no √d scaling by default), an optional zero-initialised CLS vector, sinusoidal
-or learned positions, dropout, pre-LN blocks ``x + Drop(Attn(LN(x)))`` and ``x + MLP(LN(x))``, a final
-LayerNorm, then pooling. The attention is built by a factory (``functools.partial`` from the config)
+Token embedding (N(0, 1), no √d scaling, as the official code), an optional zero-initialised CLS vector,
+sinusoidal or learned positions, dropout, pre-LN blocks ``x + Drop(Attn(LN(x)))`` and ``x + MLP(LN(x))``, a
+final LayerNorm, then pooling. The attention is built by a factory (``functools.partial`` from the config)
 completed here with ``num_heads``, ``head_dim`` and ``max_len``.
 """
 
@@ -21,8 +21,6 @@ POOLINGS = ("cls", "mean", "first_token")
 POS_EMBS = ("sinusoidal", "learned")
 PAD_MASKS = ("token_nonzero", "length", "none")
 MEAN_POOLS = ("all_positions", "valid_only")
-EMBED_SCALES = ("none", "sqrt_d")
-PIXEL_INPUTS = ("tokens", "continuous")
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -87,8 +85,6 @@ class LRAEncoder(nn.Module):
         pad_mask: ``token_nonzero`` (official: id 0 is padding, so black pixels are masked and CLS copies
             the first token's mask), ``length`` (only true padding), ``none``.
         mean_pool: ``all_positions`` (official, padding included) or ``valid_only``.
-        embed_scale: ``none`` (official) or ``sqrt_d``.
-        pixel_input: ``tokens`` (official: a 256-entry embedding) or ``continuous`` (value/255, linear).
     """
 
     def __init__(
@@ -106,8 +102,6 @@ class LRAEncoder(nn.Module):
         pos_emb: str = "sinusoidal",
         pad_mask: str = "token_nonzero",
         mean_pool: str = "all_positions",
-        embed_scale: str = "none",
-        pixel_input: str = "tokens",
     ) -> None:
         super().__init__()
         for key, value, choices in (
@@ -115,23 +109,16 @@ class LRAEncoder(nn.Module):
             ("pos_emb", pos_emb, POS_EMBS),
             ("pad_mask", pad_mask, PAD_MASKS),
             ("mean_pool", mean_pool, MEAN_POOLS),
-            ("embed_scale", embed_scale, EMBED_SCALES),
-            ("pixel_input", pixel_input, PIXEL_INPUTS),
         ):
             _check_choice(key, value, choices)
         if qkv_dim % num_heads:
             raise ValueError(f"model.qkv_dim={qkv_dim} is not divisible by model.num_heads={num_heads}")
         self.pooling, self.pad_mask, self.mean_pool = pooling, pad_mask, mean_pool
-        self.pixel_input = pixel_input
-        self.embed_multiplier = math.sqrt(d_model) if embed_scale == "sqrt_d" else 1.0
         self.use_cls = pooling == "cls"
         max_len = seq_len + int(self.use_cls)
         self.max_len = max_len
-        if pixel_input == "continuous":
-            self.embed = nn.Linear(1, d_model)
-        else:
-            self.embed = nn.Embedding(vocab_size, d_model)
-            nn.init.normal_(self.embed.weight, std=1.0)
+        self.embed = nn.Embedding(vocab_size, d_model)
+        nn.init.normal_(self.embed.weight, std=1.0)
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model)) if self.use_cls else None
         if pos_emb == "learned":
             self.positions = nn.Parameter(torch.randn(1, max_len, d_model) * 0.02)
@@ -166,10 +153,7 @@ class LRAEncoder(nn.Module):
 
     def forward(self, input_ids: Tensor, mask: Tensor | None = None) -> Tensor:
         """Pool ``input_ids`` [B, L] (``mask`` [B, L] bool, True = real) into [B, d_model]."""
-        if self.pixel_input == "continuous":
-            x = self.embed(input_ids.unsqueeze(-1).float() / 255.0)
-        else:
-            x = self.embed(input_ids) * self.embed_multiplier
+        x = self.embed(input_ids)
         attn_mask = self.attention_mask(input_ids, mask)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)

@@ -14,7 +14,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from models.attention.base import Attention
+from models.attention.base import Attention, zero_pads
+from models.attention.maps import attention_weights, weights_output
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "conf" / "attention").glob("*.yaml"))
 NUM_HEADS, HEAD_DIM = 2, 4
@@ -158,6 +159,19 @@ def test_flops_and_log_values(config):
         assert isinstance(key, str)
         scalar_tensor = isinstance(value, torch.Tensor) and value.numel() == 1
         assert isinstance(value, Number | str) or scalar_tensor, f"{key}={value!r} is not a scalar or string"
+
+
+def test_matches_its_reference_and_its_weights(config):
+    """The forward equals the module's explicit N×N reference, and its explicit weights (the attention maps)
+    rebuild the same output, so ``callbacks=attention_maps`` works for every registered attention."""
+    module = build(config)
+    q, k, v = random_qkv(2, 7)
+    mask = lengths_mask([7, 5], 7)
+    out = module(q, k, v, mask)
+    (reference,) = zero_pads((module.reference(*zero_pads((q, k, v), mask), mask),), mask)
+    torch.testing.assert_close(out, reference, atol=1e-10, rtol=0)
+    weights = attention_weights(module, q, k, mask)
+    torch.testing.assert_close(weights_output(module, weights, v, mask), out, atol=1e-10, rtol=0)
 
 
 def test_causal_sees_no_future(config):

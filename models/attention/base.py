@@ -21,6 +21,11 @@ from torch import Tensor, nn
 class Attention(nn.Module):
     """Base class: validates inputs, applies the padding contract, and calls ``attend``.
 
+    A subclass implements ``attend`` (its fast path) and ``reference`` (the same function with an explicit
+    N×N weight matrix: the test oracle and, on V = I, its attention map). It overrides ``explicit_weights``
+    and ``apply_weights`` only when its output is not weights @ V, and takes its own options as keyword
+    arguments besides these four.
+
     Args:
         num_heads: number of heads H.
         head_dim: size D of each head.
@@ -39,6 +44,8 @@ class Attention(nn.Module):
     # constant V gives that constant back. A class default: an instance may override it when the property
     # depends on its configuration (an output rescaling breaks it).
     is_convex: bool = False
+    # What the columns of ``explicit_weights`` index (Linformer's are projected keys, not tokens).
+    key_axis: ClassVar[str] = "key"
 
     def __init__(self, num_heads: int, head_dim: int, max_len: int, causal: bool = False) -> None:
         super().__init__()
@@ -67,31 +74,53 @@ class Attention(nn.Module):
         Returns:
             ``[B, H, N, D]`` in the input dtype; rows at padded query positions are zero.
         """
-        self._check_inputs(q, k, v, mask)
-        if mask is not None:
-            keep = mask[:, None, :, None]
-            zero = q.new_zeros(())
-            q = torch.where(keep, q, zero)
-            k = torch.where(keep, k, zero)
-            v = torch.where(keep, v, zero)
-        out = self.attend(q, k, v, mask)
-        if mask is not None:
-            out = torch.where(mask[:, None, :, None], out, out.new_zeros(()))
-        return out
+        self.check_inputs(q, k, v, mask)
+        key_mask = self.key_mask(mask)
+        if key_mask is not None:
+            q, k, v = zero_pads((q, k, v), key_mask)
+        out = self.attend(q, k, v, key_mask)
+        return out if mask is None else zero_pads((out,), mask)[0]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """The mechanism itself; q, k, v are already zero at padded positions."""
         raise NotImplementedError
 
+    def key_mask(self, mask: Tensor | None) -> Tensor | None:
+        """The padding mask the mechanism applies to its keys: ``mask``, unless the method attends to pads
+        on purpose (TaylorShift's ``mask_padding=False`` reproduces official code that has no mask)."""
+        return mask
+
+    # -- explicit weights, for attention maps (one example at a time, never for training) -------------------
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """``attend`` with an explicit N×N weight matrix, from this module's own state (the test oracle)."""
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no reference(q, k, v, mask); write it (the explicit N×N form of "
+            f"attend) or override explicit_weights()"
+        )
+
+    def explicit_weights(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+        """The weights ``attend`` applies to its values: ``[B, H, N, M]`` with ``apply_weights(w, v)``
+        equal to ``attend(q, k, v)``; q, k are already zero at pads.
+
+        The default runs ``reference`` on V = I: a reference that returns A·V then returns A exactly. A
+        method whose output is not A·V (an output scale, a projection of V) overrides ``apply_weights``.
+        """
+        return self.reference(q, k, torch.eye(q.shape[2], dtype=q.dtype, device=q.device), mask)
+
+    def apply_weights(self, weights: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """The output rebuilt from ``explicit_weights`` and values already zero at pads: A·V by default."""
+        return weights @ v
+
     def flops(self, batch: int, heads: int, seq_len: int, head_dim: int) -> float:
-        """Forward matmul FLOPs (the spec's section 7.3 convention), for throughput reporting."""
+        """Forward matmul FLOPs (2 per multiply-add, matmuls only), for throughput reporting."""
         raise NotImplementedError
 
     def log_values(self) -> dict[str, Any]:
         """Values worth logging (chosen mode or backend, temperatures, redraw count)."""
         return {}
 
-    def _check_inputs(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    def check_inputs(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
         if q.dim() != 4 or q.shape != k.shape or k.shape != v.shape:
             raise ValueError(
                 f"{self.name}: q, k, v must share the shape [batch, heads, seq, head_dim]; "
@@ -117,6 +146,19 @@ class Attention(nn.Module):
                 raise ValueError(f"{self.name}: every sequence needs at least one real token (mask=True)")
 
 
+def require(condition: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition``: one line per option check."""
+    if not condition:
+        raise ValueError(message)
+
+
+def zero_pads(tensors: tuple[Tensor, ...], mask: Tensor) -> tuple[Tensor, ...]:
+    """``[B, H, N, *]`` tensors with the rows at pads (``mask`` ``[B, N]`` False) set to zero by a select, not
+    a multiply, because 0·NaN = NaN."""
+    keep = mask[:, None, :, None]
+    return tuple(torch.where(keep, t, t.new_zeros(())) for t in tensors)
+
+
 def count_real(
     mask: Tensor | None, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype
 ) -> Tensor:
@@ -127,5 +169,6 @@ def count_real(
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Linear-attention states accumulate in fp32, or fp64 for fp64 inputs (spec section 1)."""
+    """Linear-attention states accumulate in fp32 (fp64 for fp64 inputs): bf16/fp16 sums over N lose the
+    small terms and overflow at long N."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention.base import Attention
+from models.attention.base import Attention, require
 
 SHARE_MODES = ("headwise", "kv")
 
@@ -62,12 +62,7 @@ def linformer_attention(
 
 
 def linformer_attention_ref(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    e_proj: Tensor,
-    f_proj: Tensor,
-    mask: Tensor | None = None,
+    q: Tensor, k: Tensor, v: Tensor, e_proj: Tensor, f_proj: Tensor, mask: Tensor | None = None
 ) -> Tensor:
     """Explicit right-padding to N_max, explicit E·K and F·V, then softmax with an explicit [N, k] matrix."""
     seq_len, max_len = q.shape[2], e_proj.shape[1]
@@ -94,32 +89,20 @@ class LinformerAttention(Attention):
     name = "linformer"
     supports_causal = False
     needs_seq_len = True
+    key_axis = "projected key (E·K)"
 
     def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        max_len: int,
-        causal: bool = False,
-        proj_len: int = 256,
-        share: str = "headwise",
-        dropout: float = 0.0,
+        self, *args: Any, proj_len: int = 256, share: str = "headwise", dropout: float = 0.0, **kwargs: Any
     ) -> None:
-        super().__init__(num_heads, head_dim, max_len, causal)
-        if share == "layerwise":
-            raise ValueError(
-                "linformer: share='layerwise' (one E/F pair for all layers) is not implemented; "
-                f"choose one of {SHARE_MODES}"
-            )
-        if share not in SHARE_MODES:
-            raise ValueError(f"linformer: unknown share {share!r}; choose one of {SHARE_MODES}")
-        if not 1 <= proj_len <= max_len:
-            raise ValueError(
-                f"linformer: proj_len must lie in [1, max_len={max_len}], got {proj_len}; "
-                f"lower attention.proj_len for this task"
-            )
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"linformer: dropout must lie in [0, 1), got {dropout}")
+        super().__init__(*args, **kwargs)
+        max_len = self.max_len
+        require(share in SHARE_MODES, f"linformer: unknown share {share!r}; choose one of {SHARE_MODES}")
+        require(
+            1 <= proj_len <= max_len,
+            f"linformer: proj_len must lie in [1, max_len={max_len}], got {proj_len}; "
+            f"lower attention.proj_len for this task",
+        )
+        require(0.0 <= dropout < 1.0, f"linformer: dropout must lie in [0, 1), got {dropout}")
         self.proj_len = proj_len
         self.share = share
         self.dropout = dropout
@@ -134,10 +117,25 @@ class LinformerAttention(Attention):
         bound = 1.0 / math.sqrt(proj_len)
         return torch.empty(proj_len, max_len).uniform_(-bound, bound)
 
+    @property
+    def value_proj(self) -> Tensor:
+        """F (E itself under ``share='kv'``)."""
+        return self.e_proj if self.f_proj is None else self.f_proj
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        f_proj = self.e_proj if self.f_proj is None else self.f_proj
         dropout_p = self.dropout if self.training else 0.0
-        return linformer_attention(q, k, v, self.e_proj, f_proj, mask, dropout_p)
+        return linformer_attention(q, k, v, self.e_proj, self.value_proj, mask, dropout_p)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return linformer_attention_ref(q, k, v, self.e_proj, self.value_proj, mask)
+
+    def explicit_weights(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
+        """``[B, H, N, k]`` over the projected keys E·K: no token-to-token matrix exists."""
+        keys = self.e_proj[:, : q.shape[2]].to(q.dtype) @ k  # pads of k are already zero
+        return torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+
+    def apply_weights(self, weights: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return weights @ (self.value_proj[:, : v.shape[2]].to(v.dtype) @ v)
 
     def flops(self, batch: int, heads: int, seq_len: int, head_dim: int) -> float:
         return 8.0 * batch * heads * seq_len * self.proj_len * head_dim

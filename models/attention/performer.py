@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from models.attention.base import Attention, accumulation_dtype
+from models.attention.base import Attention, accumulation_dtype, require
 
 # Keys per step of the causal prefix sum; each step materialises a [chunk, chunk] score block.
 CAUSAL_CHUNK = 64
@@ -212,33 +212,46 @@ def performer_attention_ref(
     causal: bool = False,
     eps: float = 1e-4,
 ) -> Tensor:
-    """The same estimator with an explicit N×N matrix φ(Q)φ(K)ᵀ, normalised per row.
-
-    The key stabiliser depends on which keys a query sees, so key features are built per (query, key)
-    pair: ``[B, H, N, N, m]`` memory, for tests on small shapes only. Arguments as ``performer_attention``.
-    """
-    out_dtype = q.dtype
+    """The same estimator with an explicit N×N matrix φ(Q)φ(K)ᵀ, normalised per row; arguments as
+    ``performer_attention``."""
     acc = accumulation_dtype(q.dtype)
-    q, k, v, projection = (t.to(acc) for t in (q, k, v, projection))
-    seq_len, num_features = q.shape[2], projection.shape[0]
-    query_features = _query_features(q, projection, eps)  # [B, H, N, m]
-    key_logits, key_half_sq_norm = _scaled_logits(k, projection)
+    weights = _explicit_weights(q.to(acc), k.to(acc), projection.to(acc), mask, causal, eps)
+    return (weights @ v.to(acc)).to(q.dtype)
 
-    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device)  # [i, j]
+
+def _explicit_weights(
+    q: Tensor, k: Tensor, projection: Tensor, mask: Tensor | None, causal: bool, eps: float
+) -> Tensor:
+    """φ(q_i)·φ_i(k_j) normalised per row, ``[B, H, N, N]``, in O(N² + N·m) memory.
+
+    The key stabiliser M_i is the max over the keys query i sees, so key features depend on the query; built
+    per (query, key) pair they would take ``[B, H, N, N, m]``. Instead exp(l_jf − h_j − M_i) is split as
+    exp(l_jf − h_j − r_j)·exp(r_j − M_i) with r_j = max_f l_jf ≤ M_i, so both factors stay ≤ 1 in size.
+    """
+    query_features = _query_features(q, projection, eps)  # [B, H, N, m]
+    key_logits, key_half_sq_norm = _scaled_logits(k, projection)  # [B, H, N, m], [B, H, N, 1]
+    row_max = key_logits.amax(dim=-1)  # r_j, [B, H, N]
+    visible = _visible(q.shape, mask, causal, q.device)  # [B, 1, N, N]
+    # M_i = max over the keys query i sees of r_j: [B, H, N, 1].
+    stabiliser = row_max[:, :, None, :].masked_fill(~visible, float("-inf")).amax(dim=-1, keepdim=True)
+    key_part = torch.exp(key_logits - key_half_sq_norm - row_max[..., None])  # [B, H, N, m]
+    scale = torch.exp((row_max[:, :, None, :] - stabiliser).masked_fill(~visible, float("-inf")))
+    exp_scores = (query_features @ key_part.transpose(-1, -2)) * scale  # [B, H, N, N]
+    eps_scores = eps * query_features.sum(dim=-1, keepdim=True)  # [B, H, N, 1]
+    scores = torch.where(visible, exp_scores + eps_scores, exp_scores.new_zeros(()))
+    scores = scores / math.sqrt(projection.shape[0])
+    row_sum = scores.sum(dim=-1, keepdim=True)
+    return scores / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+
+
+def _visible(shape: torch.Size, mask: Tensor | None, causal: bool, device: torch.device) -> Tensor:
+    """``[B, 1, N, N]`` bool: key j is real and, when causal, j ≤ i."""
+    batch, _, seq_len, _ = shape
+    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
     if causal:
         visible = visible.tril()
-    visible = visible.expand(q.shape[0], 1, seq_len, seq_len)
-    if mask is not None:
-        visible = visible & mask[:, None, None, :]
-    visible = visible[..., None]  # [B, 1, N, N, 1]
-    pair_logits = key_logits[:, :, None, :, :].expand(-1, -1, seq_len, -1, -1)  # [B, H, N, N, m]
-    key_max = pair_logits.masked_fill(~visible, float("-inf")).amax(dim=(-1, -2))  # [B, H, N]
-    exponent = pair_logits - key_half_sq_norm[:, :, None, :, :] - key_max[..., None, None]
-    key_features = (torch.exp(exponent.masked_fill(~visible, float("-inf"))) + eps) / math.sqrt(num_features)
-    key_features = key_features.masked_fill(~visible, 0.0)
-    scores = torch.einsum("bhif,bhijf->bhij", query_features, key_features)  # [B, H, N, N]
-    weights = scores / scores.sum(dim=-1, keepdim=True)
-    return (weights @ v).to(out_dtype)
+    visible = visible.expand(batch, 1, seq_len, seq_len)
+    return visible if mask is None else visible & mask[:, None, None, :]
 
 
 def _redraw_seed(seed: int, redraw_index: int) -> int:
@@ -269,26 +282,25 @@ class PerformerAttention(Attention):
 
     def __init__(
         self,
-        num_heads: int,
-        head_dim: int,
-        max_len: int,
-        causal: bool = False,
+        *args: Any,
         num_features: int | None = None,
         redraw_interval: int | None = 1000,
         eps: float = 1e-4,
         seed: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(num_heads, head_dim, max_len, causal)
+        super().__init__(*args, **kwargs)
         if num_features is None:
-            num_features = max(1, int(head_dim * math.log(head_dim)))
-        if num_features < 1:
-            raise ValueError(f"performer: num_features must be >= 1 (or null for d ln d), got {num_features}")
-        if redraw_interval is not None and redraw_interval < 0:
-            raise ValueError(
-                f"performer: redraw_interval must be >= 0 (0 or null = never), got {redraw_interval}"
-            )
-        if eps <= 0:
-            raise ValueError(f"performer: eps must be > 0 to keep the normaliser positive, got {eps}")
+            num_features = max(1, int(self.head_dim * math.log(self.head_dim)))
+        require(
+            num_features >= 1,
+            f"performer: num_features must be >= 1 (or null for d ln d), got {num_features}",
+        )
+        require(
+            redraw_interval is None or redraw_interval >= 0,
+            f"performer: redraw_interval must be >= 0 (0 or null = never), got {redraw_interval}",
+        )
+        require(eps > 0, f"performer: eps must be > 0 to keep the normaliser positive, got {eps}")
         self.num_features = num_features
         self.redraw_interval = redraw_interval or 0
         self.eps = eps
@@ -315,6 +327,9 @@ class PerformerAttention(Attention):
                 self.redraw_features()
             self.calls_since_redraw += 1
         return performer_attention(q, k, v, self.projection, mask, self.causal, self.eps)
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return performer_attention_ref(q, k, v, self.projection, mask, self.causal, self.eps)
 
     def flops(self, batch: int, heads: int, seq_len: int, head_dim: int) -> float:
         return 8.0 * batch * heads * seq_len * self.num_features * head_dim

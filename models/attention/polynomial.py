@@ -1,4 +1,4 @@
-"""Polynomial-kernel attention, the primitive shared by TaylorShift and Fastmax (spec sections 3.3, 4, 7.5).
+"""Polynomial-kernel attention, shared by TaylorShift (arXiv 2403.02920) and Fastmax (arXiv 2402.07901).
 
     out_i = Σ_j f(q_i·k_j) v_j,   f(x) = c + b·x + a·x²,
 
@@ -8,7 +8,7 @@ unnormalised, over all j or over j ≤ i (causal). Because f(q·k) = φ(q)·φ(k
 append a ones column to v themselves (the denominator trick), so one call yields numerator and denominator.
 
 The fused Triton kernel ``models/attention/kernels/poly_triton.py::poly_kernel_attention_triton`` has the
-same signature; the private helpers at the bottom choose between it and this PyTorch path.
+same signature; ``select_impl`` and ``run_poly_kernel`` at the bottom choose between it and this PyTorch path.
 """
 
 from __future__ import annotations
@@ -23,14 +23,18 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from models.attention.base import accumulation_dtype
+from models.attention.base import accumulation_dtype, zero_pads
 
 IMPLS = ("auto", "torch", "triton")
 _TRITON_MODULE = "models.attention.kernels.poly_triton"
 _TRITON_FUNCTION = "poly_kernel_attention_triton"
-# Elements of an [N, d²] feature block held at once by the non-causal path (256 MB in fp32), so that
-# forward and backward never hold both full N×d² tensors (official-code defect 6, spec 3.7).
+# Elements of an [N, d²] feature block held at once by the non-causal path (256 MB in fp32), so that forward
+# and backward never hold both full N×d² tensors (tobna/TaylorShift stores both: 4.2 GB at N = 16k, d = 64).
 _FEATURE_BLOCK_ELEMENTS = 1 << 26
+# (a, b, c) of f(s) = c + b·s + a·s².
+Coefficients = tuple[float, float, float]
+# Σ v, Σ k vᵀ (None when b = 0), Σ (k⊗k) vᵀ (None when a = 0).
+States = tuple[Tensor, Tensor | None, Tensor | None]
 
 
 def poly_kernel_attention(
@@ -56,7 +60,8 @@ def poly_kernel_attention(
     acc = accumulation_dtype(q.dtype)
     # Under autocast the state matmuls would fall back to bf16/fp16; they must stay in `acc`.
     with torch.autocast(q.device.type, enabled=False):
-        out = _poly_attention(q.to(acc), k.to(acc), v.to(acc), float(a), float(b), float(c), causal)
+        coefficients = (float(a), float(b), float(c))
+        out = run_poly_kernel("torch", q.to(acc), k.to(acc), v.to(acc), coefficients, causal, acc)
     return out.to(q.dtype)
 
 
@@ -91,62 +96,33 @@ def _check_shapes(q: Tensor, k: Tensor, v: Tensor) -> None:
         )
 
 
-def _quadratic_features(x: Tensor) -> Tensor:
+def quadratic_features(x: Tensor) -> Tensor:
     """Row-wise vec(x xᵀ): ``[..., N, d] -> [..., N, d²]``, so that (x⊗x)·(y⊗y) = (x·y)²."""
     return (x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)
 
 
-def _poly_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: float,
-    b: float,
-    c: float,
-    causal: bool,
-    q_quad: Tensor | None = None,
-    k_quad: Tensor | None = None,
-) -> Tensor:
-    """The PyTorch path on tensors already in the accumulation dtype.
-
-    ``q_quad, k_quad`` (``[B, H, N, F]``) replace the quadratic features q⊗q, k⊗k; Fastmax passes them
-    with feature dropout applied. Without them the non-causal path uses the memory-saving autograd function.
-    """
-    if causal:
-        return _causal_poly(q, k, v, a, b, c, q_quad, k_quad)
-    if q_quad is None and k_quad is None:
-        return _PolyKernel.apply(q, k, v, a, b, c)
-    return _poly_readout(q, _poly_states(k, v, a, b, c, k_quad), a, b, c, q_quad)
-
-
-def _poly_states(
-    k: Tensor, v: Tensor, a: float, b: float, c: float, k_quad: Tensor | None = None
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def poly_states(k: Tensor, v: Tensor, coefficients: Coefficients, k_quad: Tensor | None = None) -> States:
     """States (Σ v [B,H,1,e], Σ k vᵀ [B,H,d,e], Σ (k⊗k) vᵀ [B,H,F,e]) under plain autograd."""
+    a, b, _ = coefficients
     s0 = v.sum(dim=-2, keepdim=True)
     s1 = k.transpose(-1, -2) @ v if b != 0 else None
     s2 = None
     if a != 0:
-        features = _quadratic_features(k) if k_quad is None else k_quad
+        features = quadratic_features(k) if k_quad is None else k_quad
         s2 = features.transpose(-1, -2) @ v
     return s0, s1, s2
 
 
-def _poly_readout(
-    q: Tensor,
-    states: tuple[Tensor, Tensor | None, Tensor | None],
-    a: float,
-    b: float,
-    c: float,
-    q_quad: Tensor | None = None,
+def poly_readout(
+    q: Tensor, states: States, coefficients: Coefficients, q_quad: Tensor | None = None
 ) -> Tensor:
-    """c·S0 + b·q·S1 + a·(q⊗q)·S2 for states from ``_poly_states``: ``[B, H, N, e]``."""
-    s0, s1, s2 = states
+    """c·S0 + b·q·S1 + a·(q⊗q)·S2 for states from ``poly_states``: ``[B, H, N, e]``."""
+    (a, b, c), (s0, s1, s2) = coefficients, states
     out = (c * s0).expand(*q.shape[:-1], s0.shape[-1])
     if s1 is not None:
         out = out + b * (q @ s1)
     if s2 is not None:
-        features = _quadratic_features(q) if q_quad is None else q_quad
+        features = quadratic_features(q) if q_quad is None else q_quad
         out = out + a * (features @ s2)
     return out
 
@@ -176,10 +152,10 @@ class _PolyKernel(torch.autograd.Function):
             out.add_(q @ s1, alpha=b)
         if a != 0:
             s2 = sum(
-                _quadratic_features(k[..., rows, :]).transpose(-1, -2) @ v[..., rows, :] for rows in blocks
+                quadratic_features(k[..., rows, :]).transpose(-1, -2) @ v[..., rows, :] for rows in blocks
             )  # [B, H, d², e]
             for rows in blocks:
-                out[..., rows, :].add_(_quadratic_features(q[..., rows, :]) @ s2, alpha=a)
+                out[..., rows, :].add_(quadratic_features(q[..., rows, :]) @ s2, alpha=a)
         ctx.save_for_backward(q, k, v, s1, s2)
         ctx.coefficients = (a, b, c)
         return out
@@ -203,12 +179,12 @@ class _PolyKernel(torch.autograd.Function):
         if s2 is not None:
             blocks = _row_blocks(q.shape, d * d)
             ds2 = a * sum(
-                _quadratic_features(q[..., rows, :]).transpose(-1, -2) @ grad_out[..., rows, :]
+                quadratic_features(q[..., rows, :]).transpose(-1, -2) @ grad_out[..., rows, :]
                 for rows in blocks
             )  # [B, H, d², e]
             for rows in blocks:
                 q_rows, k_rows = q[..., rows, :], k[..., rows, :]
-                dv[..., rows, :].add_(_quadratic_features(k_rows) @ ds2)
+                dv[..., rows, :].add_(quadratic_features(k_rows) @ ds2)
                 # d(x⊗x)/dx contracts a d×d gradient G into (G + Gᵀ)·x.
                 grad_q_quad = (grad_out[..., rows, :] @ s2.transpose(-1, -2)).unflatten(-1, (d, d))
                 grad_k_quad = (v[..., rows, :] @ ds2.transpose(-1, -2)).unflatten(-1, (d, d))
@@ -229,14 +205,7 @@ def _causal_chunk_size(seq_len: int, features: int, value_width: int) -> int:
 
 
 def _causal_poly(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    a: float,
-    b: float,
-    c: float,
-    q_quad: Tensor | None,
-    k_quad: Tensor | None,
+    q: Tensor, k: Tensor, v: Tensor, coefficients: Coefficients, q_quad: Tensor | None, k_quad: Tensor | None
 ) -> Tensor:
     """Prefix-sum form of the polynomial attention, chunked over N.
 
@@ -244,11 +213,11 @@ def _causal_poly(
     exclusive prefix sum of the earlier chunks' states. Padding N up to a multiple of C appends keys after
     every real query, so the causal mask already hides them.
     """
-    batch, heads, seq_len, d = q.shape
+    (a, b, c), (seq_len, d) = coefficients, q.shape[2:]
     quadratic = a != 0
     explicit_features = q_quad is not None
     if quadratic and not explicit_features:
-        q_quad, k_quad = _quadratic_features(q), _quadratic_features(k)
+        q_quad, k_quad = quadratic_features(q), quadratic_features(k)
     features = q_quad.shape[-1] if quadratic else d
     chunk = _causal_chunk_size(seq_len, features, v.shape[-1])
     n_chunks = -(-seq_len // chunk)
@@ -314,7 +283,7 @@ def _load_triton_module() -> tuple[ModuleType | None, str]:
     return module, ""
 
 
-def _select_impl(impl: str, q: Tensor, causal: bool = False, torch_only: str | None = None) -> str:
+def select_impl(impl: str, q: Tensor, causal: bool = False, torch_only: str | None = None) -> str:
     """Resolve ``auto | torch | triton`` to the implementation that runs: ``"torch"`` or ``"triton"``.
 
     ``torch_only`` names a feature of this call that the kernel cannot express (e.g. feature dropout);
@@ -345,28 +314,52 @@ def _select_impl(impl: str, q: Tensor, causal: bool = False, torch_only: str | N
     return "triton"
 
 
-def _run_poly_kernel(
+def run_poly_kernel(
     impl: str,
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    a: float,
-    b: float,
-    c: float,
+    coefficients: Coefficients,
     causal: bool,
     model_dtype: torch.dtype,
-    **kernel_options: object,
+    q_quad: Tensor | None = None,
+    k_quad: Tensor | None = None,
 ) -> Tensor:
     """Run the resolved impl on q, k, v held in the accumulation dtype; returns that dtype.
 
-    The torch path takes them as they are. The Triton kernel reads operands in the model dtype (bf16 tensor
-    cores), except fp16: V' = [α·1, V]/N_v drops below fp16's normal range at long N, and the kernel uses
-    fp32 operands for fp16 anyway, so fp16 models hand it fp32.
+    ``coefficients`` is (a, b, c); ``q_quad, k_quad`` replace q⊗q, k⊗k (torch only: Fastmax's feature
+    dropout). The torch path takes the tensors as they are. The Triton kernel reads operands in the model
+    dtype (bf16 tensor cores), except fp16: V' = [α·1, V]/N_v drops below fp16's normal range at long N, and
+    the kernel uses fp32 operands for fp16 anyway, so fp16 models hand it fp32.
     """
-    if impl != "triton":
-        return poly_kernel_attention(q, k, v, a, b, c, causal)
-    module, _ = _triton_module()
-    dtype = torch.float32 if model_dtype == torch.float16 else model_dtype
-    kernel = getattr(module, _TRITON_FUNCTION)
-    out = kernel(q.to(dtype), k.to(dtype), v.to(dtype), a, b, c, causal=causal, **kernel_options)
-    return out.to(q.dtype)
+    if impl == "triton":
+        module, _ = _triton_module()
+        dtype = torch.float32 if model_dtype == torch.float16 else model_dtype
+        kernel = getattr(module, _TRITON_FUNCTION)
+        return kernel(q.to(dtype), k.to(dtype), v.to(dtype), *coefficients, causal=causal).to(q.dtype)
+    if causal:
+        return _causal_poly(q, k, v, coefficients, q_quad, k_quad)
+    if q_quad is None and k_quad is None:
+        # The memory-saving autograd function: it never stores an N×d² tensor.
+        return _PolyKernel.apply(q, k, v, *coefficients)
+    return poly_readout(q, poly_states(k, v, coefficients, k_quad), coefficients, q_quad)
+
+
+def augmented_values(v: Tensor, first: Tensor, divisor: Tensor | None, mask: Tensor | None) -> Tensor:
+    """V' = [first, V]/divisor, ``[B, H, N, e + 1]``, with zero rows at pads.
+
+    One kernel call on V' yields the numerator (columns 1:) and the denominator (column 0) of a normalised
+    polynomial attention (the denominator trick of linear attention, Katharopoulos et al., 2020). Zeroing a
+    pad's whole row, first entry included, removes it from both.
+    """
+    v_aug = torch.cat([first.expand(*v.shape[:-1], 1).to(v.dtype), v], dim=-1)
+    if divisor is not None:
+        v_aug = v_aug / divisor
+    return v_aug if mask is None else zero_pads((v_aug,), mask)[0]
+
+
+def split_ratio(out_aug: Tensor) -> Tensor:
+    """Numerator over denominator of a kernel output on ``augmented_values``; a zero denominator (a row that
+    sees no real key, zeroed by the caller) divides by 1."""
+    denominator = out_aug[..., :1]
+    return out_aug[..., 1:] / torch.where(denominator != 0, denominator, torch.ones_like(denominator))

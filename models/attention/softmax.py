@@ -11,11 +11,10 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.attention.base import Attention
+from models.attention.base import Attention, require
 
 BACKENDS: dict[str, SDPBackend | None] = {
     "auto": None,
-    "default": None,
     "flash": SDPBackend.FLASH_ATTENTION,
     "efficient": SDPBackend.EFFICIENT_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -89,18 +88,12 @@ class SoftmaxAttention(Attention):
     supports_causal = True
     is_convex = True
 
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        max_len: int,
-        causal: bool = False,
-        backend: str = "auto",
-        dropout: float = 0.0,
-    ) -> None:
-        super().__init__(num_heads, head_dim, max_len, causal)
-        if backend not in BACKENDS:
-            raise ValueError(f"softmax: unknown SDPA backend {backend!r}; choose one of {sorted(BACKENDS)}")
+    def __init__(self, *args: Any, backend: str = "auto", dropout: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # num_heads, head_dim, max_len, causal: see Attention
+        require(
+            backend in BACKENDS,
+            f"softmax: unknown SDPA backend {backend!r}; choose one of {sorted(BACKENDS)}",
+        )
         self.backend = backend
         self.dropout = dropout
         self.dispatched: str | None = None if BACKENDS[backend] is None else backend
@@ -127,6 +120,9 @@ class SoftmaxAttention(Attention):
                 f"masked={mask is not None}, causal={self.causal}); PyTorch says: {reason}. "
                 f"Pin another backend ({', '.join(sorted(BACKENDS))}) or use backend=auto"
             ) from error
+
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return softmax_attention_ref(q, k, v, mask, self.causal)
 
     def flops(self, batch: int, heads: int, seq_len: int, head_dim: int) -> float:
         return 4.0 * batch * heads * seq_len**2 * head_dim

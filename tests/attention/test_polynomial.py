@@ -36,8 +36,8 @@ def test_matches_ref(seq_len, a, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_explicit_features_match_default(causal):
     q, k, v = _inputs(1, 2, 37, 3, 4)
-    features = polynomial._quadratic_features
-    out = polynomial._poly_attention(q, k, v, 0.5, 1.0, 1.0, causal, features(q), features(k))
+    features = polynomial.quadratic_features
+    out = polynomial.run_poly_kernel("torch", q, k, v, (0.5, 1.0, 1.0), causal, F64, features(q), features(k))
     torch.testing.assert_close(
         out, poly_kernel_attention_ref(q, k, v, 0.5, 1.0, 1.0, causal), rtol=1e-12, atol=1e-12
     )
@@ -118,13 +118,13 @@ def test_rejects_bad_shapes():
 
 def test_impl_selection(monkeypatch):
     q = torch.zeros(1, 1, 4, 2)
-    assert polynomial._select_impl("auto", q) == "torch"
-    assert polynomial._select_impl("torch", q) == "torch"
+    assert polynomial.select_impl("auto", q) == "torch"
+    assert polynomial.select_impl("torch", q) == "torch"
     with pytest.raises(ValueError, match="unknown impl"):
-        polynomial._select_impl("cuda", q)
+        polynomial.select_impl("cuda", q)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="impl='triton'"):
-        polynomial._select_impl("triton", q)
+        polynomial.select_impl("triton", q)
 
 
 def test_triton_refuses_what_it_cannot_express(monkeypatch):
@@ -133,12 +133,12 @@ def test_triton_refuses_what_it_cannot_express(monkeypatch):
         pytest.skip(f"Triton kernel unavailable: {why}")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.zeros(1, 1, 4, 2)
-    assert polynomial._select_impl("triton", q) == "triton"
+    assert polynomial.select_impl("triton", q) == "triton"
     with pytest.raises(ValueError, match="feature dropout"):
-        polynomial._select_impl("triton", q, torch_only="feature dropout")
+        polynomial.select_impl("triton", q, torch_only="feature dropout")
     if not getattr(module, "SUPPORTS_CAUSAL", False):
         with pytest.raises(ValueError, match="causal"):
-            polynomial._select_impl("triton", q, causal=True)
+            polynomial.select_impl("triton", q, causal=True)
 
 
 _INTERPRETER_CHECK = """

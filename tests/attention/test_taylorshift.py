@@ -10,7 +10,7 @@ from models.attention import taylorshift as ts
 from models.attention.polynomial import poly_kernel_attention
 from models.attention.taylorshift import (
     TaylorShiftAttention,
-    choose_mode,
+    TaylorShiftOptions,
     crossover_n0,
     crossover_n1,
     taylorshift_attention,
@@ -207,8 +207,9 @@ def test_crossovers_and_auto_switch():
     table = {16: (273, 158), 32: (1057, 574), 64: (4161, 2174), 128: (16513, 8446)}
     for dim, (n0, n1) in table.items():
         assert (crossover_n0(dim), crossover_n1(dim)) == (n0, n1)
-    assert choose_mode(N0, D) == "direct" and choose_mode(N0 + 1, D) == "efficient"
-    assert choose_mode(100, D, n0=100) == "direct" and choose_mode(101, D, n0=100) == "efficient"
+    theory, measured = TaylorShiftOptions(), TaylorShiftOptions(n0=100)
+    assert theory.mode_at(N0, D) == "direct" and theory.mode_at(N0 + 1, D) == "efficient"
+    assert measured.mode_at(100, D) == "direct" and measured.mode_at(101, D) == "efficient"
     module = _module()
     for seq_len, expected in ((N0, "direct"), (N0 + 1, "efficient")):
         module(*_inputs(1, 2, seq_len))
@@ -291,8 +292,6 @@ def test_low_precision_dtypes_follow_input():
     ("kwargs", "message"),
     [
         ({"mode": "fast"}, "unknown mode"),
-        ({"features": "half"}, "unknown features"),
-        ({"features": "symmetric"}, "symmetric"),
         ({"impl": "cuda"}, "unknown impl"),
         ({"impl": "triton", "mode": "direct"}, "mode='direct'"),
         ({"a": 0.0}, "a > 0"),
@@ -326,14 +325,14 @@ def test_efficient_dropout_acts_on_the_state():
     expected_s2_mask = torch.nn.functional.dropout(torch.ones(1, 1, D * D, D + 1, dtype=F64), p=0.5)
     torch.manual_seed(5)
     states = []
-    original = ts._poly_readout
+    original = ts.poly_readout
 
     def spy(query, state, *args, **kwargs):
         states.append(state[2])
         return original(query, state, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ts, "_poly_readout", spy)
+        patch.setattr(ts, "poly_readout", spy)
         again = taylorshift_attention(q, k, v, tau, mode="efficient", dropout=0.5)
     torch.testing.assert_close(again, dropped, rtol=0, atol=0)
     assert ((states[0] == 0) == (expected_s2_mask == 0)).all()
