@@ -24,6 +24,9 @@ from data.cache import data_root as default_data_root
 
 SPLITS = ("train", "val", "test")
 SHUFFLE_MODES = ("official", "full", "none")
+# Seeds the evaluation subsample (data.max_eval_samples) and any training subsample (max_train_samples)
+# independently of the run seed.
+SUBSAMPLE_SEED = 0
 
 
 class ArrayDataset(Dataset):
@@ -282,7 +285,9 @@ class LRADataModule(L.LightningDataModule):
             size = len(arrays[split]["labels"])
             indices = None
             if limit is not None and limit < size:
-                indices = np.sort(np.random.default_rng(self.seed).choice(size, limit, replace=False))
+                # The subsample does not follow the training seed: every run of a task, whatever its seed or
+                # attention, is scored on the same examples, so their accuracies differ only by the model.
+                indices = np.sort(np.random.default_rng(SUBSAMPLE_SEED).choice(size, limit, replace=False))
             self.datasets[split] = ArrayDataset(arrays[split], indices)
 
     def _sampler(self, size: int) -> Sampler[int] | None:
@@ -324,11 +329,21 @@ class LRADataModule(L.LightningDataModule):
     def describe(self) -> dict[str, Any]:
         """What the run summary records about the data."""
         sizes = {split: len(ds) for split, ds in self.datasets.items()}
+        # Per-class counts of the examples each split actually serves, so reports can print the
+        # majority-class rate of the very examples that were scored.
+        class_counts = {
+            split: np.bincount(
+                np.asarray(ds.arrays["labels"])[ds.indices], minlength=self.num_classes
+            ).tolist()
+            for split, ds in self.datasets.items()
+        }
         return {
             "task": self.task_name,
             "source": self.source,
             "seq_len": self.seq_len,
             "sizes": sizes,
+            "num_classes": self.num_classes,
+            "class_counts": class_counts,
             "cache_dir": str(self.cache_dir),
         }
 

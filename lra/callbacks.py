@@ -22,7 +22,8 @@ class ThroughputMonitor(L.Callback):
     """Training steps/s, samples/s and tokens/s, excluding the first ``warmup_steps`` and validation time.
 
     Logs ``perf/steps_per_s``, ``perf/samples_per_s``, ``perf/tokens_per_s`` (padded tokens the model
-    processes, both documents for Retrieval) and ``perf/step_ms``. The device is synchronised only when
+    processes, both documents for Retrieval) and ``perf/step_ms``, and ``time/elapsed_s`` (wall clock since
+    training started, evaluation included) at every validation. The device is synchronised only when
     timing starts and when a value is logged. Under DDP every rank takes the same number of equal-sized
     batches per step (distributed sampler, ``drop_last``), so samples and tokens are this rank's times the
     world size: the throughput of the whole job.
@@ -31,6 +32,7 @@ class ThroughputMonitor(L.Callback):
     def __init__(self, warmup_steps: int = 5) -> None:
         self.warmup_steps = warmup_steps
         self.started: float | None = None
+        self.train_started: float | None = None
         self.paused_at: float | None = None
         self.excluded = 0.0
         self.steps = 0
@@ -41,6 +43,13 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.world_size = trainer.world_size
+        self.train_started = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Wall-clock seconds since training started, validation included, beside each val/acc: the
+        # x-axis of the accuracy-against-time curves (steps/s alone would leave evaluation out).
+        if self.train_started is not None and not trainer.sanity_checking:
+            pl_module.log("time/elapsed_s", time.perf_counter() - self.train_started)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
