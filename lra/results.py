@@ -1,9 +1,13 @@
 """Aggregate LRA runs into results/lra.md (plus lra.csv, lra.json and a provenance README.md).
 
-python -m lra.results                                 # the committed summaries in results/runs/
-python -m lra.results --runs results/runs --out results/
+python -m lra.results --out results                   # rebuild results/ from results/runs/ (make results)
+python -m lra.results --runs outputs multirun         # your own runs: tables in outputs/results/
+python -m lra.results --runs multirun/<dir> --compare # print a few runs side by side; writes nothing
 python -m lra.results --collect multirun/results-cpu  # first copy a sweep's summaries into results/runs/
 python -m lra.results --wandb-project ENTITY/PROJECT  # add W&B runs when the API is reachable
+
+Without --out, the tables go to results/ only when the runs read are exactly the committed results/runs;
+any other runs are scratch work and go to outputs/results/.
 
 One table per (recipe, device): runs from different recipes or hardware never share a cell. A cell is
 (task, attention, recipe variant): the variant is a hash of the settings that change what is trained (model,
@@ -24,10 +28,12 @@ import sys
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from data.cache import atomic_write_text
+from lra.curves import CURVE_FILE, read_curve, write_curve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Only committed runs by default, so a developer's scratch runs never leak into the published table;
@@ -101,6 +107,8 @@ class Run:
     data_source: str = ""
     command: str = ""
     source: str = ""
+    # When the run finished: summary.json's own `finished_at` when it has one, else the file's mtime. It
+    # only chooses between duplicates of one run and is never written out (a clone resets mtimes).
     timestamp: float = 0.0
 
     @property
@@ -322,6 +330,17 @@ def _display_path(path: Path) -> str:
     return str(resolved)
 
 
+def finished_at(summary: dict[str, Any], path: Path) -> float:
+    """Seconds since the epoch when the run ended: summary.json's ``finished_at`` (ISO 8601), else mtime."""
+    stamp = summary.get("finished_at")
+    if isinstance(stamp, (int, float)):
+        return float(stamp)
+    try:
+        return datetime.fromisoformat(str(stamp)).timestamp()
+    except ValueError:
+        return path.stat().st_mtime
+
+
 def load_local_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
     """Every ``summary.json`` under ``roots``; unreadable files are reported as problems, not dropped."""
     runs, problems = [], []
@@ -331,7 +350,7 @@ def load_local_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
                 summary = json.loads(path.read_text())
                 runs.append(
                     run_from_summary(
-                        summary, _display_path(path), path.stat().st_mtime, _read_overrides(path)
+                        summary, _display_path(path), finished_at(summary, path), _read_overrides(path)
                     )
                 )
             except (OSError, ValueError, KeyError, TypeError) as error:
@@ -441,15 +460,14 @@ def build_section(
             (run.task, run.attention, run.variant), Cell(run.task, run.attention, run.variant)
         )
         (cell.runs if run.completed else cell.failed).append(run)
-    # The task's main variant is the config most of its completed runs share (ties: the newest).
+    # The task's main variant is the config most of its completed runs share; ties go to the first hash in
+    # sorted order, not the newest run: file times differ between clones, the tables must not.
     main_variant: dict[str, str] = {}
     for task in tasks:
-        counts: dict[str, tuple[int, float]] = {}
+        counts: dict[str, int] = {}
         for (cell_task, _, variant), cell in cells_by_key.items():
             if cell_task == task:
-                count, newest = counts.get(variant, (0, 0.0))
-                latest = max((run.timestamp for run in cell.runs + cell.failed), default=0.0)
-                counts[variant] = (count + cell.n, max(newest, latest))
+                counts[variant] = counts.get(variant, 0) + cell.n
         if counts:
             main_variant[task] = max(sorted(counts), key=lambda variant: counts[variant])
 
@@ -598,8 +616,10 @@ How every number was produced (command, commit, device, recipe): [README.md](REA
 """
 
 
-def render_markdown(report: Report) -> str:
-    """results/lra.md: one block of tables per (recipe, device)."""
+def render_markdown(
+    report: Report, figures: dict[tuple[str, str], list[tuple[str, str]]] | None = None
+) -> str:
+    """results/lra.md: one block of tables per (recipe, device); ``figures`` links its learning curves."""
     lines = [LRA_MD_HEADER]
     if not report.sections:
         lines += [
@@ -637,6 +657,15 @@ def render_markdown(report: Report) -> str:
             for cell in section.cells
         ]
         lines += _md_table(CELL_HEADER, rows) + [""]
+        links = (figures or {}).get((section.profile, section.device))
+        if links:
+            lines += [
+                "Learning curves (validation accuracy against training step and training time; line: mean "
+                "over seeds, band: min–max; time: steps × the run's mean step time, validation excluded): "
+                + ", ".join(f"[{task}]({path})" for task, path in links)
+                + ".",
+                "",
+            ]
         lines += [
             f"### Average over tasks ({section.recipe}, {section.device})",
             "",
@@ -757,6 +786,11 @@ def render_csv(report: Report) -> str:
     return buffer.getvalue()
 
 
+def _run_record(run: Run) -> dict[str, Any]:
+    # The timestamp is left out: it may be a file time, which a clone or a copy resets.
+    return {key: value for key, value in asdict(run).items() if key != "timestamp"}
+
+
 def render_json(report: Report) -> str:
     payload = {
         "published_source": PUBLISHED_SOURCE,
@@ -771,12 +805,12 @@ def render_json(report: Report) -> str:
                     | {"delta_vs_published": _rounded(average.delta)}
                     for average in section.averages
                 ],
-                "failed": [asdict(run) for run in section.failed],
+                "failed": [_run_record(run) for run in section.failed],
             }
             for section in report.sections
         ],
-        "runs": [asdict(run) for run in sorted(report.runs, key=_listing_order)],
-        "superseded": [asdict(run) for run in sorted(report.superseded, key=_listing_order)],
+        "runs": [_run_record(run) for run in sorted(report.runs, key=_listing_order)],
+        "superseded": [_run_record(run) for run in sorted(report.superseded, key=_listing_order)],
         "problems": report.problems,
     }
     return json.dumps(payload, indent=2, sort_keys=False) + "\n"
@@ -812,14 +846,15 @@ Generated by `python -m lra.results` together with `lra.md`, `lra.csv` and `lra.
   `RESULTS_CPU_ATTENTIONS` and `RESULTS_CPU_SEEDS` pick others, e.g. `RESULTS_CPU_SEEDS=1,2`; the table
   below gives each run's exact command), into `multirun/results-cpu/<date>/`, then
   `python -m lra.results --collect multirun/results-cpu/<date> --runs results/runs`, which copies each run's
-  `summary.json` and `overrides.yaml` to
+  `summary.json`, `overrides.yaml` and learning curve (`curve.csv`, from its `csv/metrics.csv`) to
   `results/runs/<profile>/<device>/<task>/<attention>/seed<k>-<config>/` (see `results/runs/README.md`)
-  and rebuilds these files.
+  and rebuilds these files and the learning curves in `curves/`.
 - Official recipe on GPUs, a W&B grid over attention × task × seed: `wandb sweep sweep.yaml`, then
   `wandb agent ENTITY/PROJECT/SWEEP_ID` on each GPU machine. The same grid without W&B:
   `python train.py -m attention=softmax,taylorshift,fastmax,performer,linformer
   task=listops,text,retrieval,image,pathfinder,pathx seed=0,1,2 profile=official`.
-- Collect and rebuild: `make results ARGS="--collect multirun/<sweep dir> --runs results/runs"`; add
+- Collect and rebuild: `make results ARGS="--collect multirun/<sweep dir> --runs results/runs"` (`make
+  results` passes `--out results`; without it, runs other than `results/runs` go to `outputs/results/`); add
   `--wandb-project ENTITY/PROJECT` to include W&B runs (skipped, with a message, when the API is unreachable).
 
 The recipe is the run's `profile`: official = the task's published recipe (bf16 mixed precision on a GPU);
@@ -877,10 +912,49 @@ def render_readme(report: Report) -> str:
     return "\n".join(lines)
 
 
+def _summary_path(run: Run) -> Path | None:
+    """Where a local run's summary.json is (its source is shown relative to the cwd or the repo)."""
+    if run.source.startswith(("http", "wandb:")) or not run.source:
+        return None
+    for base in (Path.cwd(), REPO_ROOT):
+        if (base / run.source).is_file():
+            return base / run.source
+    return None
+
+
+def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """One learning-curve PNG per (recipe, device, task) under ``out_dir/curves``, from the main config's
+    completed runs that have a curve; stale PNGs there are removed. Returns the links per section."""
+    from lra.curves import figure_name, plot_task
+
+    folder, links, written = out_dir / "curves", {}, set()
+    for section in report.sections:
+        for task in dict.fromkeys(cell.task for cell in section.cells):
+            curves = {}
+            for cell in section.cells:
+                if cell.task != task or not cell.main_variant:
+                    continue
+                paths = [_summary_path(run) for run in sorted(cell.runs, key=lambda run: run.seed)]
+                found = [curve for path in paths if path and (curve := read_curve(path.parent)) is not None]
+                if found:
+                    curves[cell.attention] = found
+            if not curves:
+                continue
+            path = folder / f"{figure_name(section.profile, section.device, task)}.png"
+            plot_task(curves, f"{section.recipe}, {section.device}", task, path, ATTENTION_ORDER)
+            written.add(path)
+            links.setdefault((section.profile, section.device), []).append((task, f"curves/{path.name}"))
+    for stale in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        if stale not in written:
+            stale.unlink()
+    return links
+
+
 def write_outputs(report: Report, out_dir: Path) -> list[Path]:
-    """Write lra.md, lra.csv, lra.json and README.md into ``out_dir``, each atomically."""
+    """Write the learning curves, then lra.md, lra.csv, lra.json and README.md into ``out_dir``."""
+    figures = write_figures(report, out_dir)
     outputs = {
-        "lra.md": render_markdown(report),
+        "lra.md": render_markdown(report, figures),
         "lra.csv": render_csv(report),
         "lra.json": render_json(report),
         "README.md": render_readme(report),
@@ -889,7 +963,7 @@ def write_outputs(report: Report, out_dir: Path) -> list[Path]:
     for name, text in outputs.items():
         atomic_write_text(out_dir / name, text)
         paths.append(out_dir / name)
-    return paths
+    return paths + sorted(out_dir / path for links in figures.values() for _, path in links)
 
 
 def slug(text: str) -> str:
@@ -909,7 +983,7 @@ def collect_runs(sweep_dir: Path, runs_dir: Path) -> list[Path]:
     copied = []
     for path in sorted(sweep_dir.rglob("summary.json")):
         summary = json.loads(path.read_text())
-        run = run_from_summary(summary, timestamp=path.stat().st_mtime)
+        run = run_from_summary(summary, timestamp=finished_at(summary, path))
         target = (
             runs_dir
             / slug(run.profile)
@@ -922,7 +996,8 @@ def collect_runs(sweep_dir: Path, runs_dir: Path) -> list[Path]:
         if existing.is_file():
             if existing.resolve() == path.resolve():
                 continue
-            old = run_from_summary(json.loads(existing.read_text()), timestamp=existing.stat().st_mtime)
+            old_summary = json.loads(existing.read_text())
+            old = run_from_summary(old_summary, timestamp=finished_at(old_summary, existing))
             if (old.completed, old.timestamp) > (run.completed, run.timestamp):
                 continue
         target.mkdir(parents=True, exist_ok=True)
@@ -931,6 +1006,12 @@ def collect_runs(sweep_dir: Path, runs_dir: Path) -> list[Path]:
         overrides = path.parent / ".hydra" / "overrides.yaml"
         if overrides.is_file():
             shutil.copy2(overrides, target / "overrides.yaml")
+        # The learning curve, compact, so the figures regenerate without the run's logs.
+        curve = read_curve(path.parent, summary)
+        if curve is not None:
+            write_curve(curve, target / CURVE_FILE)
+        elif (target / CURVE_FILE).is_file():
+            (target / CURVE_FILE).unlink()
         copied.append(existing)
     return copied
 
@@ -945,7 +1026,15 @@ def main(argv: Sequence[str] | None = None) -> Report:
     )
     parser.add_argument("--wandb-project", help="also read the runs of this W&B ENTITY/PROJECT")
     parser.add_argument(
-        "--out", type=Path, default=REPO_ROOT / "results", help="output folder (default: results/)"
+        "--out",
+        type=Path,
+        help="output folder (default: results/ when the runs are exactly results/runs, else "
+        "outputs/results/; make results passes --out results)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="print the runs side by side with the chance and majority-class rates; write nothing",
     )
     parser.add_argument(
         "--collect",
@@ -961,21 +1050,38 @@ def main(argv: Sequence[str] | None = None) -> Report:
         help="where --collect copies summaries (default: results/runs/)",
     )
     args = parser.parse_args(argv)
+    if args.compare and (args.collect or args.out or args.wandb_project):
+        parser.error("--compare only prints: it takes --runs, not --collect, --out or --wandb-project")
 
     for folder in args.collect:
         copied = collect_runs(folder, args.collect_into)
         print(f"copied {len(copied)} summaries from {folder} to {_display_path(args.collect_into)}")
-    roots = args.runs or [REPO_ROOT / root for root in DEFAULT_RUN_ROOTS if (REPO_ROOT / root).is_dir()]
+    committed = [REPO_ROOT / root for root in DEFAULT_RUN_ROOTS]
+    roots = args.runs or [root for root in committed if root.is_dir()]
     missing = [root for root in roots if not root.is_dir()]
     if missing:
         parser.error("no such folder: " + ", ".join(map(str, missing)))
+    if args.compare:
+        from lra.compare import load_with_summaries, render_comparison
+
+        pairs, problems = load_with_summaries(roots)
+        print(render_comparison(pairs) + "".join(f"problem: {problem}\n" for problem in problems), end="")
+        return aggregate(
+            [run for run, _ in pairs], problems=problems, roots=[_display_path(r) for r in roots]
+        )
     runs, problems = load_local_runs(roots)
     if args.wandb_project:
         wandb_runs, wandb_problems = load_wandb_runs(args.wandb_project)
         runs += wandb_runs
         problems += wandb_problems
     report = aggregate(runs, problems=problems, roots=[_display_path(root) for root in roots])
-    written = write_outputs(report, args.out)
+    out = args.out
+    if out is None:
+        # The committed tables are rebuilt only from the committed summaries alone; any other set of runs
+        # is scratch work and goes under outputs/, so it never overwrites results/ by accident.
+        only_committed = {root.resolve() for root in roots} == {root.resolve() for root in committed}
+        out = REPO_ROOT / ("results" if only_committed and not args.wandb_project else "outputs/results")
+    written = write_outputs(report, out)
     completed = sum(run.completed for run in report.runs)
     print(
         f"{len(report.runs)} runs ({completed} completed, {len(report.runs) - completed} failed, "

@@ -1,0 +1,139 @@
+"""Learning curves: validation accuracy against training step and training time, one figure per task.
+
+Each run's curve comes from what it already logs: Lightning's CSVLogger file ``<run dir>/csv/metrics.csv``.
+``python -m lra.results --collect`` stores a compact ``curve.csv`` beside the committed ``summary.json``, so
+the figures regenerate from the repository alone; runs without either file are left out of the figures.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+CURVE_FILE = "curve.csv"
+CURVE_COLUMNS = ["step", "val_acc", "train_loss", "elapsed_s"]
+# A wall-clock column train.py may log (seconds since training started, validation included); without
+# it, elapsed time is estimated from the run's mean step time, which leaves validation out.
+WALL_CLOCK_COLUMNS = ("time/elapsed_s", "perf/elapsed_s")
+# Classes per task, for the chance line (1 / classes).
+NUM_CLASSES = {"listops": 10, "text": 2, "retrieval": 2, "image": 10, "pathfinder": 2, "pathx": 2}
+# Majority-class share of each task's official test set, for runs that did not record class counts
+# (../shared/spec/tasks.md: ListOps classes 0 and 9 about 17% each; IMDb and CIFAR-10 test sets balanced;
+# Pathfinder and Path-X balanced by construction). Reduced or subsampled data can differ a little.
+MAJORITY_APPROX = {
+    "listops": 0.17,
+    "text": 0.5,
+    "retrieval": 0.5,
+    "image": 0.1,
+    "pathfinder": 0.5,
+    "pathx": 0.5,
+}
+
+
+def curve_from_metrics(metrics_csv: Path, step_ms: float | None = None) -> pd.DataFrame | None:
+    """One row per validation: steps trained, val accuracy, the last train loss and elapsed seconds.
+
+    ``step_ms`` (the run's mean step time from summary.json) is the fallback when the CSV logged no
+    ``perf/step_ms``. Returns None when the file holds no validation accuracy.
+    """
+    log = pd.read_csv(metrics_csv)
+    if "val/acc" not in log or "step" not in log:
+        return None
+    # Lightning logs at the index of the batch being finished, before counting it: steps trained = step + 1.
+    log["step"] = log["step"].astype(int) + 1
+    val = log.dropna(subset=["val/acc"]).drop_duplicates("step", keep="last")[["step", "val/acc"]]
+    if val.empty:
+        return None
+    curve = val.rename(columns={"val/acc": "val_acc"}).sort_values("step").reset_index(drop=True)
+    curve["train_loss"] = _last_at_or_before(log, "train/loss", curve["step"])
+    wall = next((column for column in WALL_CLOCK_COLUMNS if column in log), None)
+    if wall is not None:
+        curve["elapsed_s"] = _last_at_or_before(log, wall, curve["step"])
+    else:
+        # perf/step_ms is the running mean over the steps timed so far; fall back to the run's mean.
+        mean_ms = _last_at_or_before(log, "perf/step_ms", curve["step"]).fillna(
+            step_ms if step_ms else float("nan")
+        )
+        curve["elapsed_s"] = curve["step"] * mean_ms / 1000
+    return curve[CURVE_COLUMNS]
+
+
+def _last_at_or_before(log: pd.DataFrame, column: str, steps: pd.Series) -> pd.Series:
+    if column not in log:
+        return pd.Series(float("nan"), index=steps.index)
+    values = log.dropna(subset=[column]).sort_values("step", kind="stable")[["step", column]]
+    merged = pd.merge_asof(steps.to_frame("step"), values.drop_duplicates("step", keep="last"), on="step")
+    return merged[column]
+
+
+def read_curve(run_dir: Path, summary: dict[str, Any] | None = None) -> pd.DataFrame | None:
+    """The run's curve: a stored ``curve.csv``, else one derived from ``csv/metrics.csv``, else None."""
+    stored, metrics = run_dir / CURVE_FILE, run_dir / "csv" / "metrics.csv"
+    step_ms = ((summary or {}).get("perf") or {}).get("step_ms")
+    # A damaged file leaves the run out of the figures rather than failing the whole table.
+    try:
+        if stored.is_file():
+            curve = pd.read_csv(stored)
+            return curve if set(CURVE_COLUMNS) <= set(curve.columns) and len(curve) else None
+        return curve_from_metrics(metrics, step_ms) if metrics.is_file() else None
+    except (ValueError, KeyError, pd.errors.ParserError):
+        return None
+
+
+def write_curve(curve: pd.DataFrame, path: Path) -> None:
+    # Six significant digits and "\n" line ends: the same run always gives the same bytes.
+    curve.to_csv(path, index=False, float_format="%.6g", lineterminator="\n")
+
+
+def figure_name(profile: str, device: str, task: str) -> str:
+    return "_".join(re.sub(r"[^a-z0-9]+", "-", part.lower()).strip("-") for part in (profile, device, task))
+
+
+def plot_task(
+    curves: dict[str, list[pd.DataFrame]], title: str, task: str, path: Path, order: Sequence[str]
+) -> None:
+    """Mean val accuracy over seeds per attention with a min-max band, against step and against time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), dpi=100, sharey=True)
+    colours = plt.get_cmap("tab10").colors
+    for attention, runs in curves.items():
+        seeds = pd.concat(runs, keys=range(len(runs)), names=["seed"]).reset_index(level=0)
+        stats = seeds.groupby("step").agg(
+            mean=("val_acc", "mean"),
+            low=("val_acc", "min"),
+            high=("val_acc", "max"),
+            elapsed=("elapsed_s", "mean"),
+        )
+        stats[["mean", "low", "high"]] *= 100
+        colour = colours[order.index(attention) % len(colours)] if attention in order else "black"
+        label = f"{attention} ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
+        for axis, x in ((by_step, stats.index), (by_time, stats["elapsed"])):
+            axis.plot(x, stats["mean"], color=colour, label=label, linewidth=1.5)
+            if len(runs) > 1:
+                axis.fill_between(x, stats["low"], stats["high"], color=colour, alpha=0.2, linewidth=0)
+    for axis in (by_step, by_time):
+        if task in NUM_CLASSES:
+            axis.axhline(100 / NUM_CLASSES[task], color="grey", linestyle="--", linewidth=1, label="chance")
+        if task in MAJORITY_APPROX and MAJORITY_APPROX[task] * NUM_CLASSES.get(task, 0) != 1:
+            majority = 100 * MAJORITY_APPROX[task]
+            axis.axhline(majority, color="grey", linestyle=":", linewidth=1, label="majority class (approx.)")
+    by_step.set_xlabel("training step")
+    by_time.set_xlabel("training time, s (steps × mean step time, validation excluded)")
+    by_step.set_ylabel("validation accuracy %")
+    by_step.legend(loc="best", fontsize=8)
+    for axis in (by_step, by_time):
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"{task}: {title} (line: mean over seeds, band: min–max)", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # No "Software" entry: the PNG bytes then depend only on the data and the matplotlib version.
+    figure.savefig(path, format="png", metadata={"Software": None})
+    plt.close(figure)
