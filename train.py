@@ -3,6 +3,10 @@
 python train.py attention=taylorshift task=listops
 python train.py -m attention=softmax,performer task=image seed=0,1,2
 python train.py resume=outputs/listops/taylorshift/<time>     # continue a killed run where it stopped
+python train.py --help                                        # attentions, tasks, profiles, common overrides
+
+Mistakes that are the user's to fix (lra.errors.UserError) print their message without a traceback;
+HYDRA_FULL_ERROR=1 shows it.
 """
 
 from __future__ import annotations
@@ -21,19 +25,21 @@ from omegaconf import DictConfig, OmegaConf
 from data.cache import atomic_write_text
 from lra.build import (
     build_model,
-    default_profile_override,
+    data_banner,
     default_wandb_mode,
     instantiate_each,
     instantiate_loggers,
     lightning_trainer_config,
     log_run_config,
     print_summary,
-    profile_banner,
     reproduce_command,
+    run_banner,
     without_logger_callbacks,
 )
+from lra.cli import command_line, quiet_library_noise, register_resolvers
+from lra.errors import run_cli
 from lra.module import LRAClassifier
-from lra.resume import expand_resume_argv, resume_checkpoint
+from lra.resume import resume_checkpoint
 from lra.summary import device_name, git_commit, versions, write_summary
 from lra.validate import validate_config
 
@@ -54,14 +60,15 @@ def main(cfg: DictConfig) -> float:
     callbacks = without_logger_callbacks(instantiate_each(cfg.callbacks), loggers)
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
-        print(profile_banner(choices.profile))
-        print(OmegaConf.to_yaml(config))
+        # A short banner; the whole config is in config_resolved.yaml (and `--cfg job` prints it).
+        print(run_banner(config, choices, trainer, loggers, out_dir, ckpt_path), flush=True)
         atomic_write_text(out_dir / "config_resolved.yaml", OmegaConf.to_yaml(config))
-        print(f"Resuming from {ckpt_path}" if ckpt_path else f"Run directory: {out_dir}")
 
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if trainer.is_global_zero:
+        print(data_banner(datamodule.describe()), flush=True)
     L.seed_everything(cfg.seed, workers=True)
     attention = instantiate(cfg.attention)
     model = build_model(cfg.model, attention, datamodule)
@@ -136,12 +143,10 @@ def main(cfg: DictConfig) -> float:
 
 if __name__ == "__main__":
     default_wandb_mode()
-    # Before Hydra parses the command line: resume=<run dir> becomes that run's overrides and run dir.
-    try:
-        sys.argv[1:] = expand_resume_argv(sys.argv[1:])
-    except ValueError as error:
-        sys.exit(f"train.py: {error}")
-    profile = default_profile_override(sys.argv[1:])
-    if profile:
-        sys.argv.append(profile)
+    quiet_library_noise()
+    register_resolvers()
+    # Before Hydra parses the command line: resume=<run dir> becomes that run's overrides and run dir, the
+    # CPU profile is chosen when there is no CUDA device, and Hydra's options go after the overrides (so
+    # `--cfg job`, `--help`, `-m` work wherever they are written).
+    sys.argv[1:] = run_cli(lambda: command_line(sys.argv[1:]), prog="train.py")
     main()

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.cache import ArraySplits, cached_arrays, params_key
 from data.cache import data_root as default_data_root
+from lra.errors import ConfigError, DataError, MissingDataError
 
 SPLITS = ("train", "val", "test")
 SHUFFLE_MODES = ("official", "full", "none")
@@ -193,9 +194,9 @@ class LRADataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if shuffle not in SHUFFLE_MODES:
-            raise ValueError(f"data.shuffle={shuffle!r} is not one of {SHUFFLE_MODES}")
+            raise ConfigError(f"data.shuffle={shuffle!r} is not one of {SHUFFLE_MODES}")
         if shuffle_unit not in ("example", "batch"):
-            raise ValueError(f"data.shuffle_unit={shuffle_unit!r} is not one of ('example', 'batch')")
+            raise ConfigError(f"data.shuffle_unit={shuffle_unit!r} is not one of ('example', 'batch')")
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -258,7 +259,7 @@ class LRADataModule(L.LightningDataModule):
             raise
         for split in SPLITS:
             if split not in splits or len(splits[split]["labels"]) == 0:
-                raise ValueError(
+                raise DataError(
                     f"{self.task_name}: the {split} split is empty or missing (read from "
                     f"{self.source_location()}); check that its {split} file is complete (re-download or "
                     f"re-extract it), or point task.data_dir at a complete copy"
@@ -266,7 +267,7 @@ class LRADataModule(L.LightningDataModule):
             labels = np.asarray(splits[split]["labels"])
             bad = (labels < 0) | (labels >= self.num_classes)
             if bad.any():
-                raise ValueError(
+                raise DataError(
                     f"{self.task_name}: the {split} split has label {int(labels[bad][0])} at example "
                     f"{int(np.flatnonzero(bad)[0])} (read from {self.source_location()}), outside "
                     f"0..{self.num_classes - 1}; check that task.data_dir holds this task's data"
@@ -348,6 +349,6 @@ class LRADataModule(L.LightningDataModule):
         }
 
 
-def missing_data_error(task: str, path: Path, expected: str, how_to_get: str) -> FileNotFoundError:
+def missing_data_error(task: str, path: Path, expected: str, how_to_get: str) -> MissingDataError:
     """The error for absent data: where we looked, what we expected there, and how to get it."""
-    return FileNotFoundError(f"{task}: no data at {path}\n  expected: {expected}\n  to fix: {how_to_get}")
+    return MissingDataError(f"{task}: no data at {path}\n  expected: {expected}\n  to fix: {how_to_get}")

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 from filelock import FileLock, Timeout
 
+from lra.errors import CacheError, DataDirError
+
 DATA_DIR_ENV = "LRA_DATA_DIR"
 
 
@@ -36,7 +38,7 @@ def ensure_writable(directory: Path) -> None:
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
             pass
     except OSError as err:
-        raise PermissionError(
+        raise DataDirError(
             f"cannot write to the data directory {directory} ({err.strerror}); set ${DATA_DIR_ENV} to a "
             f"writable folder, e.g. `export {DATA_DIR_ENV}=$HOME/lra-data`"
         ) from err
@@ -122,7 +124,7 @@ def cached_arrays(directory: Path, build: Callable[[], ArraySplits]) -> ArraySpl
     try:
         contents = json.loads(marker.read_text())
     except (OSError, ValueError) as err:
-        raise RuntimeError(
+        raise CacheError(
             f"the cache {directory} is incomplete (unreadable {marker.name}: {err}); {remedy}"
         ) from err
     if isinstance(contents, list):
@@ -138,8 +140,8 @@ def cached_arrays(directory: Path, build: Callable[[], ArraySplits]) -> ArraySpl
             try:
                 loaded[split][name] = np.load(file, mmap_mode="r")
             except (ValueError, OSError, EOFError) as err:
-                raise RuntimeError(f"corrupt or missing cache file {file} ({err}); {remedy}") from err
+                raise CacheError(f"corrupt or missing cache file {file} ({err}); {remedy}") from err
         rows = {name: len(array) for name, array in loaded[split].items()}
         if len(set(rows.values())) > 1:
-            raise RuntimeError(f"corrupt cache {directory}: {split} arrays differ in length {rows}; {remedy}")
+            raise CacheError(f"corrupt cache {directory}: {split} arrays differ in length {rows}; {remedy}")
     return loaded

@@ -32,6 +32,7 @@ from data.sources import (
     resolve_source,
     scratch_dir,
 )
+from lra.errors import ConfigError, DataError
 
 CIFAR_HUB = "uoft-cs/cifar10"
 DEFAULT_PARQUET_DIR = SHARED_DATA / "cifar10"
@@ -75,9 +76,9 @@ def decode_images(encoded: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
                 if size == (SIDE, SIDE):
                     rgb[row] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
         except (OSError, ValueError) as err:  # PIL reports damage as OSError/UnidentifiedImageError
-            raise ValueError(f"{name}: cannot decode the image ({err})") from err
+            raise DataError(f"{name}: cannot decode the image ({err})") from err
         if size != (SIDE, SIDE):
-            raise ValueError(f"{name}: the image is {size[0]}x{size[1]}, expected {SIDE}x{SIDE}")
+            raise DataError(f"{name}: the image is {size[0]}x{size[1]}, expected {SIDE}x{SIDE}")
     return rgb
 
 
@@ -159,12 +160,12 @@ class ImageDataModule(LocatedSource, LRADataModule):
         kwargs.setdefault("seq_len", SEQ_LEN)
         super().__init__(**kwargs)
         if self.seq_len != SEQ_LEN:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len={self.seq_len}: CIFAR-10 images are {SIDE}x{SIDE} = {SEQ_LEN} "
                 f"pixels; leave seq_len at {SEQ_LEN}"
             )
         if val_split not in VAL_SPLITS:
-            raise ValueError(f"data.val_split={val_split!r} is not one of {VAL_SPLITS}")
+            raise ConfigError(f"data.val_split={val_split!r} is not one of {VAL_SPLITS}")
         self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
         self.requested_source = source
         self.hub_name = hub_name

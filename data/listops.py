@@ -17,6 +17,7 @@ import numpy as np
 
 from data.base import LRADataModule, missing_data_error
 from data.cache import ArraySplits, atomic_directory, data_root, params_key
+from lra.errors import DataError
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -110,17 +111,17 @@ def read_listops_tsv(path: Path) -> list[tuple[str, int]]:
         reader = csv.reader(handle, delimiter="\t")
         header = next(reader, None)
         if header != ["Source", "Target"]:
-            raise ValueError(f"{path}:1: expected the header 'Source<TAB>Target', got {header!r}")
+            raise DataError(f"{path}:1: expected the header 'Source<TAB>Target', got {header!r}")
         for row in reader:
             line = reader.line_num
             if len(row) != 2:
-                raise ValueError(f"{path}:{line}: expected 2 tab-separated fields, got {len(row)}")
+                raise DataError(f"{path}:{line}: expected 2 tab-separated fields, got {len(row)}")
             try:
                 target = int(row[1])
             except ValueError:
-                raise ValueError(f"{path}:{line}: target {row[1]!r} is not an integer") from None
+                raise DataError(f"{path}:{line}: target {row[1]!r} is not an integer") from None
             if not 0 <= target <= 9:
-                raise ValueError(f"{path}:{line}: target {target} is outside 0..9")
+                raise DataError(f"{path}:{line}: target {target} is outside 0..9")
             examples.append((row[0], target))
     return examples
 

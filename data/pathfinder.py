@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from data.base import LRADataModule, missing_data_error
 from data.cache import ArraySplits, atomic_directory, params_key
+from lra.errors import ConfigError, DataError, MissingDataError
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +147,9 @@ _STYLES: dict[int, dict[str, Any]] = {
 def pathfinder_params(resolution: int = 32, difficulty: str = "hard", **overrides: Any) -> PathfinderParams:
     """The released settings for ``resolution`` (32, 64, 128) and ``difficulty`` (easy/intermediate/hard)."""
     if resolution not in _STYLES:
-        raise ValueError(f"pathfinder resolution {resolution} is not one of {sorted(_STYLES)}")
+        raise ConfigError(f"pathfinder resolution {resolution} is not one of {sorted(_STYLES)}")
     if difficulty not in DIFFICULTIES:
-        raise ValueError(f"pathfinder difficulty {difficulty!r} is not one of {sorted(DIFFICULTIES)}")
+        raise ConfigError(f"pathfinder difficulty {difficulty!r} is not one of {sorted(DIFFICULTIES)}")
     style = dict(_STYLES[resolution])
     budget = style.pop("budget")
     contour_length = DIFFICULTIES[difficulty]
@@ -591,7 +592,7 @@ def read_metadata(path: Path) -> list[list[str]]:
         try:
             array = np.load(path, allow_pickle=False)
         except ValueError as err:
-            raise ValueError(f"{path}: unreadable binary metadata ({err})") from err
+            raise DataError(f"{path}: unreadable binary metadata ({err})") from err
         lines = [
             (row + 1, [str(value) for value in np.atleast_1d(entry)])
             for row, entry in enumerate(np.atleast_2d(array))
@@ -605,12 +606,12 @@ def read_metadata(path: Path) -> list[list[str]]:
     rows = []
     for number, fields in lines:
         if len(fields) != len(METADATA_FIELDS):
-            raise ValueError(
+            raise DataError(
                 f"{path}:{number}: expected {len(METADATA_FIELDS)} space-separated fields "
                 f"({' '.join(METADATA_FIELDS)}), got {len(fields)}: {' '.join(fields)!r}"
             )
         if fields[3] not in ("0", "1"):
-            raise ValueError(f"{path}:{number}: label (field 4) must be 0 or 1, got {fields[3]!r}")
+            raise DataError(f"{path}:{number}: label (field 4) must be 0 or 1, got {fields[3]!r}")
         rows.append(fields)
     return rows
 
@@ -642,7 +643,7 @@ def list_examples(folder: Path, task: str = "pathfinder") -> tuple[list[Path], l
             try:
                 size = image.stat().st_size
             except FileNotFoundError:
-                raise FileNotFoundError(
+                raise MissingDataError(
                     f"{file}: lists {fields[0]}/{fields[1]}, but {image} does not exist"
                 ) from None
             if size == 0:
@@ -660,16 +661,16 @@ def decode_png(path: Path, resolution: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             if image.mode != "L":
-                raise ValueError(f"{path}: expected an 8-bit grayscale PNG (mode L), got mode {image.mode}")
+                raise DataError(f"{path}: expected an 8-bit grayscale PNG (mode L), got mode {image.mode}")
             if image.size != (resolution, resolution):
-                raise ValueError(
+                raise DataError(
                     f"{path}: expected {resolution}x{resolution} pixels, got "
                     f"{image.size[0]}x{image.size[1]}; check data.resolution"
                 )
             return np.asarray(image, dtype=np.uint8).reshape(-1)
     except (OSError, SyntaxError) as err:
         # PIL reports truncation and garbage without the file name (UnidentifiedImageError is an OSError).
-        raise ValueError(
+        raise DataError(
             f"{path}: unreadable or truncated PNG ({err}); re-extract the release, or delete "
             f"the generated folder to regenerate it"
         ) from err
@@ -814,7 +815,7 @@ def generated_pathfinder_dir(
 def split_indices(num_examples: int, mode: str, seed: int) -> dict[str, np.ndarray]:
     """80/10/10 of the examples, after a seeded permutation (``seeded``) or in file order (``contiguous``)."""
     if mode not in SPLIT_MODES:
-        raise ValueError(f"data.split={mode!r} is not one of {SPLIT_MODES}")
+        raise ConfigError(f"data.split={mode!r} is not one of {SPLIT_MODES}")
     order = (
         np.random.default_rng(seed).permutation(num_examples) if mode == "seeded" else np.arange(num_examples)
     )
@@ -864,14 +865,14 @@ class PathfinderDataModule(LRADataModule):
         kwargs.setdefault("seq_len", resolution * resolution)
         super().__init__(**kwargs)
         if self.seq_len != resolution * resolution:
-            raise ValueError(
+            raise ConfigError(
                 f"data.seq_len={self.seq_len} does not match data.resolution={resolution} "
                 f"({resolution}x{resolution} = {resolution * resolution} pixels)"
             )
         if difficulty not in (*DIFFICULTIES, "all"):
-            raise ValueError(f"data.difficulty={difficulty!r} is not one of {(*DIFFICULTIES, 'all')}")
+            raise ConfigError(f"data.difficulty={difficulty!r} is not one of {(*DIFFICULTIES, 'all')}")
         if split not in SPLIT_MODES:
-            raise ValueError(f"data.split={split!r} is not one of {SPLIT_MODES}")
+            raise ConfigError(f"data.split={split!r} is not one of {SPLIT_MODES}")
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
         self.resolution = resolution
         self.difficulty = difficulty

@@ -19,6 +19,7 @@ from data.base import LRADataModule, missing_data_error
 from data.cache import ArraySplits
 from data.sources import check_sizes
 from data.text import BYTE_VOCAB, encode_bytes
+from lra.errors import DataError
 
 FILES = {
     "train": "new_aan_pairs.train.tsv",
@@ -53,7 +54,7 @@ def read_aan_tsv(path: Path, keep_bytes: int = MAX_DOC_BYTES) -> tuple[list[byte
                 continue
             fields = line.split(b"\t")
             if len(fields) != NUM_FIELDS:
-                raise ValueError(
+                raise DataError(
                     f"{path}:{line_number}: expected {NUM_FIELDS} tab-separated fields "
                     f"(label, id1, id2, text1, text2), got {len(fields)}"
                 )
@@ -61,9 +62,9 @@ def read_aan_tsv(path: Path, keep_bytes: int = MAX_DOC_BYTES) -> tuple[list[byte
                 value = float(fields[0])
             except ValueError:
                 label = fields[0].decode(errors="replace")
-                raise ValueError(f"{path}:{line_number}: label {label!r} is not a number") from None
+                raise DataError(f"{path}:{line_number}: label {label!r} is not a number") from None
             if value not in (0.0, 1.0):
-                raise ValueError(f"{path}:{line_number}: label {value} is not 0 or 1")
+                raise DataError(f"{path}:{line_number}: label {value} is not 0 or 1")
             labels.append(int(value))
             texts1.append(fields[3][:keep])
             texts2.append(fields[4][:keep])

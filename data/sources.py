@@ -21,6 +21,7 @@ from pathlib import Path
 
 from data.base import missing_data_error
 from data.cache import ensure_writable
+from lra.errors import ConfigError, DataError
 
 SOURCES = ("auto", "parquet", "hf", "release")
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def resolve_source(
         expected, how_to_get: wording for the error when nothing usable is found.
     """
     if requested not in SOURCES:
-        raise ValueError(f"data.source={requested!r} is not one of {SOURCES}")
+        raise ConfigError(f"data.source={requested!r} is not one of {SOURCES}")
     if requested == "hf":
         return "hf", None
     folder = data_dir if data_dir is not None else default_dir
@@ -129,7 +130,7 @@ def load_parquet_or_hub(
         ) from err
 
 
-def unreadable_parquet_error(files: Mapping[str, list[str]], err: Exception) -> ValueError:
+def unreadable_parquet_error(files: Mapping[str, list[str]], err: Exception) -> DataError:
     """Find the file that does not read, so the error names it."""
     import pyarrow.parquet as pq
 
@@ -137,12 +138,12 @@ def unreadable_parquet_error(files: Mapping[str, list[str]], err: Exception) -> 
         try:
             pq.read_table(path)
         except Exception as file_err:  # any reader failure identifies the file
-            return ValueError(
+            return DataError(
                 f"{path}: not a readable parquet file ({type(file_err).__name__}: {file_err}); "
                 f"replace it with an intact copy"
             )
     paths = ", ".join(path for paths in files.values() for path in paths)
-    return ValueError(f"reading the parquet files {paths} failed ({type(err).__name__}: {err})")
+    return DataError(f"reading the parquet files {paths} failed ({type(err).__name__}: {err})")
 
 
 def check_sizes(task: str, source: str, sizes: Mapping[str, int], official: Mapping[str, int]) -> None:

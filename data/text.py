@@ -26,6 +26,7 @@ from data.sources import (
     resolve_source,
     scratch_dir,
 )
+from lra.errors import ConfigError
 
 IMDB_HUB = "stanfordnlp/imdb"
 DEFAULT_PARQUET_DIR = SHARED_DATA / "imdb"
@@ -47,7 +48,7 @@ def strip_review(raw: bytes, mode: str) -> bytes:
         return raw.decode("utf-8").strip().encode("utf-8")
     if mode == "none":
         return raw
-    raise ValueError(f"data.strip={mode!r} is not one of {STRIP_MODES}")
+    raise ConfigError(f"data.strip={mode!r} is not one of {STRIP_MODES}")
 
 
 def pad_ids(sequences: Sequence[np.ndarray], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,7 +146,7 @@ class TextDataModule(LocatedSource, LRADataModule):
             ("val_split", val_split, VAL_SPLITS),
         ):
             if value not in allowed:
-                raise ValueError(f"data.{key}={value!r} is not one of {allowed}")
+                raise ConfigError(f"data.{key}={value!r} is not one of {allowed}")
         self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
         self.hub_name = hub_name
         self.unit = unit

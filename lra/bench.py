@@ -1,8 +1,9 @@
 """Efficiency benchmark: every registered attention, time and memory against sequence length (spec 7).
 
-    python -m lra.bench                           # CPU grid (conf/bench/default.yaml)
+    python -m lra.bench                           # CPU grid (conf/bench/default.yaml) into outputs/bench/
     python -m lra.bench bench=gpu                 # GPU grid (bf16, up to 64k, SDPA backends pinned)
     python -m lra.bench bench=smoke output_dir=/tmp/bench
+    python -m lra.bench output_dir=results/efficiency   # regenerate the committed CPU benchmark
     python -m lra.bench logger=wandb              # also log the rows as a W&B table (offline by default)
 
 Two levels, both interleaved so that every method sees the same inputs in the same process:
@@ -16,7 +17,8 @@ Two levels, both interleaved so that every method sees the same inputs in the sa
 
 The attentions come from ``conf/attention/*.yaml`` (the registry); a preset lists per-attention variants
 (constructor overrides such as TaylorShift modes or SDPA backends). Every outcome is a row of
-``<output_dir>/<label>/rows.jsonl``: measured, out of memory, skipped (and why) or failed; then
+``<output_dir>/<label>/rows.jsonl`` (``output_dir`` defaults to the Hydra run directory, never to the
+committed ``results/``): measured, out of memory, skipped (and why) or failed; then
 ``lra/bench_report.py`` writes ``report.md`` and the plots from that file alone.
 """
 
@@ -38,10 +40,12 @@ from typing import Any
 import hydra
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from lra.errors import ConfigError
 from lra.summary import REPO_ROOT, device_name, git_commit, to_jsonable
 from models.attention.base import Attention
 
@@ -90,7 +94,7 @@ def registered_attentions(only: list[str] | None = None) -> list[str]:
         return names
     unknown = sorted(set(only) - set(names))
     if unknown:
-        raise ValueError(f"bench.attentions names {unknown}, which are not in {ATTENTION_DIR}: {names}")
+        raise ConfigError(f"bench.attentions names {unknown}, which are not in {ATTENTION_DIR}: {names}")
     return [name for name in names if name in only]
 
 
@@ -103,7 +107,9 @@ def variants_from_config(variants_cfg: Any, attentions: list[str]) -> list[Varia
     )
     unknown = sorted(set(spec) - set(registered_attentions()))
     if unknown:
-        raise ValueError(f"bench.variants names attentions {unknown} that have no conf/attention/<name>.yaml")
+        raise ConfigError(
+            f"bench.variants names attentions {unknown} that have no conf/attention/<name>.yaml"
+        )
     result = []
     for name in attentions:
         for entry in spec.get(name) or [{}]:
@@ -145,6 +151,17 @@ def environment(device: torch.device) -> dict[str, Any]:
         env["sm_count"] = props.multi_processor_count
         env["memory_gb"] = round(props.total_memory / 2**30, 1)
     return env
+
+
+def output_folder(output_dir: str | None, label: str) -> Path:
+    """``<output_dir>/<label>``; without ``output_dir`` the Hydra run directory (``outputs/bench/<time>``), so
+    that a scratch run never overwrites the committed ``results/efficiency/`` (it has to be named)."""
+    if output_dir:
+        return Path(output_dir) / label
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir) / label
+    # Composed without a Hydra run (the compose API, tests): the same layout under ./outputs/bench.
+    return Path("outputs") / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S") / label
 
 
 def default_label(device: torch.device) -> str:
@@ -657,7 +674,7 @@ class ModelBench:
         cfg = self.compose_task(variant, seq_len)
         data_class = get_class(cfg.data._target_)
         if data_class.dual:
-            raise ValueError(f"the model level times single-document tasks; {self.level.task} is dual")
+            raise ConfigError(f"the model level times single-document tasks; {self.level.task} is dual")
         datamodule = _DataShape(data_class.vocab_size, data_class.num_classes, False, seq_len)
         torch.manual_seed(self.cfg.seed)
         model = build_model(cfg.model, instantiate(cfg.attention), datamodule).to(self.device).train()
@@ -723,7 +740,7 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("bench.device=cuda, but no CUDA device is available; use bench=default (CPU)")
+        raise ConfigError("bench.device=cuda, but no CUDA device is available; use bench=default (CPU)")
     return torch.device(name)
 
 
@@ -732,7 +749,7 @@ def run(cfg: DictConfig) -> Path:
     bench = cfg.bench
     device = select_device(bench.device)
     if bench.dtype not in DTYPES:
-        raise ValueError(f"bench.dtype={bench.dtype!r} is not one of {sorted(DTYPES)}")
+        raise ConfigError(f"bench.dtype={bench.dtype!r} is not one of {sorted(DTYPES)}")
     dtype = DTYPES[bench.dtype]
     threads = torch.get_num_threads()
     if bench.get("threads"):
@@ -748,14 +765,14 @@ def _run(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Path:
 
     bench = cfg.bench
     label = cfg.label or default_label(device)
-    out_dir = Path(cfg.output_dir) / label
+    out_dir = output_folder(cfg.get("output_dir"), label)
     out_dir.mkdir(parents=True, exist_ok=True)
     env = environment(device)
     variants = variants_from_config(bench.variants, registered_attentions(bench.get("attentions")))
     levels = list(bench.levels)
     unknown = sorted(set(levels) - {"operator", "model"})
     if unknown:
-        raise ValueError(f"bench.levels has {unknown}; the levels are 'operator' and 'model'")
+        raise ConfigError(f"bench.levels has {unknown}; the levels are 'operator' and 'model'")
 
     path = out_dir / "rows.jsonl"
     started = time.time()
@@ -867,4 +884,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # A ConfigError (a lra.errors.UserError) is reported by Hydra as its message alone; HYDRA_FULL_ERROR=1
+    # shows the traceback.
     main()

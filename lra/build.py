@@ -42,6 +42,71 @@ def profile_banner(profile: str) -> str:
     return f"Profile: {profile} (the task's recipe as configured). Pass profile=cpu for a quick CPU run."
 
 
+def run_banner(
+    config: dict[str, Any],
+    choices: Any,
+    trainer: Any,
+    loggers: list[Any],
+    out_dir: Path,
+    ckpt_path: Path | None,
+) -> str:
+    """The few lines printed at the start of a run (the full config is in ``config_resolved.yaml``).
+
+    Args:
+        config: the resolved config.
+        choices: Hydra's ``runtime.choices`` (which attention, profile were chosen).
+        trainer: the Lightning Trainer (device, precision, world size).
+        loggers: the instantiated loggers.
+        out_dir: the run directory.
+        ckpt_path: the checkpoint the run continues from, if any.
+    """
+    from lra.summary import device_name
+
+    model, data, trainer_cfg = config["model"], config["data"], config["trainer"]
+    lr = float(config["optim"]["lr"])
+    fast = trainer_cfg.get("fast_dev_run")
+    steps = f"fast_dev_run ({int(fast)} batch per split)" if fast else f"{trainer_cfg['max_steps']} steps"
+    options = ", ".join(
+        f"{key}={value}" for key, value in config["attention"].items() if key not in ("_target_", "_partial_")
+    )
+    device = str(trainer.strategy.root_device)
+    # device_name() already starts with "cpu: " on a CPU.
+    where = device_name() if device == "cpu" else f"{device} ({device_name()})"
+    if trainer.world_size > 1:
+        where += f" x {trainer.world_size} processes"
+    lines = [
+        f"== {config['task']['name']} / {choices.attention} (seed {config['seed']}) ==",
+        profile_banner(choices.profile),
+        f"  attention  {choices.attention}: {options or 'defaults'}",
+        f"  model      {model['n_layers']} layers, d_model {model['d_model']}, {model['num_heads']} heads, "
+        f"mlp {model['mlp_dim']}, pooling {model['pooling']}",
+        f"  training   {steps}, batch {data['batch_size']}, lr {lr:g} "
+        f"({config['scheduler']['name']}), precision {trainer.precision} on {where}",
+        f"  loggers    {logger_description(loggers)}",
+        f"  run dir    {out_dir}" + (f" (Resuming from {ckpt_path})" if ckpt_path else ""),
+    ]
+    return "\n".join(lines)
+
+
+def data_banner(described: dict[str, Any]) -> str:
+    """The banner's data line, once the data is loaded: source, length and split sizes."""
+    sizes = " / ".join(f"{split} {size:,}" for split, size in described["sizes"].items())
+    return f"  data       {described['source']}, seq_len {described['seq_len']}, {sizes}"
+
+
+def logger_description(loggers: list[Any]) -> str:
+    """W&B's mode (and project) or the other loggers, for the banner."""
+    parts = []
+    for logger in loggers:
+        name = type(logger).__name__
+        if name == "WandbLogger":
+            mode = os.environ.get("WANDB_MODE", "online")
+            parts.append(f"W&B {mode} (project {logger.name or 'lra'})")
+        else:
+            parts.append(name.removesuffix("Logger"))
+    return ", ".join(parts) or "none (summary.json only)"
+
+
 def build_model(
     model_cfg: DictConfig, attention: Callable[..., Attention], datamodule: LRADataModule
 ) -> LRAModel:
@@ -89,7 +154,13 @@ def instantiate_loggers(group: DictConfig | None, out_dir: Path) -> list[Any]:
         if node._target_.endswith("WandbLogger"):
             # Only rank 0 talks to W&B; other ranks must not race it to create the id file.
             run_id = wandb_run_id(out_dir) if rank_zero_only.rank == 0 else None
-            loggers.append(instantiate(node, id=run_id, resume="allow"))
+            logger = instantiate(node, id=run_id, resume="allow")
+            # Lightning always passes anonymous=None to wandb.init, and recent wandb warns at every run that
+            # the setting has no effect; leaving the key out is the same request without the warning.
+            init_kwargs = getattr(logger, "_wandb_init", {})
+            if "anonymous" in init_kwargs and init_kwargs["anonymous"] is None:
+                del init_kwargs["anonymous"]
+            loggers.append(logger)
         else:
             loggers.append(instantiate(node))
     return loggers

@@ -21,6 +21,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from data.cache import atomic_write_text, temporary_sibling
+from lra.errors import MissingCheckpointError, ResumeError
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 WANDB_ID_FILE = "wandb_id"
@@ -53,7 +54,7 @@ def expand_resume_argv(argv: Sequence[str]) -> list[str]:
     Applying it twice adds nothing, which matters because DDP re-runs train.py with the expanded argv.
 
     Raises:
-        ValueError: ``resume`` with ``-m`` (each job of a sweep resumes by itself when the sweep is rerun
+        ResumeError: ``resume`` with ``-m`` (each job of a sweep resumes by itself when the sweep is rerun
             with the same ``hydra.sweep.dir``), or a run directory that does not exist.
     """
     argv = list(argv)
@@ -61,7 +62,7 @@ def expand_resume_argv(argv: Sequence[str]) -> list[str]:
     if not values or values[-1] in ("", "null", "None"):
         return argv
     if any(arg in ("-m", "--multirun") for arg in argv):
-        raise ValueError(
+        raise ResumeError(
             "resume=<run dir> resumes a single run; to resume a sweep, rerun the same command with the same "
             "hydra.sweep.dir and every job continues from its own checkpoints/last.ckpt"
         )
@@ -69,7 +70,7 @@ def expand_resume_argv(argv: Sequence[str]) -> list[str]:
     if run_dir is None:
         return argv
     if not run_dir.is_dir():
-        raise ValueError(f"resume={values[-1]}: no run directory at {run_dir}")
+        raise ResumeError(f"resume={values[-1]}: no run directory at {run_dir}")
     given = {_override_key(arg) for arg in argv if "=" in arg or arg.startswith("~")}
     original_file = run_dir / ".hydra" / "overrides.yaml"
     original = yaml.safe_load(original_file.read_text()) if original_file.is_file() else []
@@ -86,9 +87,9 @@ def resume_checkpoint(resume: str | None, out_dir: Path, config: dict[str, Any] 
     run (:func:`check_same_run`).
 
     Raises:
-        FileNotFoundError: ``resume`` names a run without a ``checkpoints/last.ckpt`` (killed before its
+        MissingCheckpointError: ``resume`` names a run without a ``checkpoints/last.ckpt`` (killed before its
             first checkpoint: start it again without ``resume``).
-        ValueError: the checkpoint in ``out_dir`` belongs to a different model, attention, task or data.
+        ResumeError: the checkpoint in ``out_dir`` belongs to a different model, attention, task or data.
     """
     checkpoint = _find_checkpoint(resume, out_dir)
     if checkpoint is not None and config is not None:
@@ -101,7 +102,7 @@ def _find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
         path = Path(resume).expanduser().resolve()
         checkpoint = path if path.is_file() else path / LAST_CHECKPOINT
         if not checkpoint.is_file():
-            raise FileNotFoundError(
+            raise MissingCheckpointError(
                 f"resume={resume}: no checkpoint at {checkpoint}; the run stopped before its first "
                 f"checkpoint (one is written at every validation, every trainer.val_check_interval steps), "
                 f"so start it again without resume="
@@ -131,7 +132,7 @@ def check_same_run(checkpoint: Path, out_dir: Path, config: dict[str, Any]) -> N
     a run).
 
     Raises:
-        ValueError: naming the keys that differ and what to do instead.
+        ResumeError: naming the keys that differ and what to do instead.
     """
     saved_file = out_dir / "config_resolved.yaml"
     if not saved_file.is_file():
@@ -145,7 +146,7 @@ def check_same_run(checkpoint: Path, out_dir: Path, config: dict[str, Any]) -> N
 
     changed = [key for key in RUN_DEFINING_KEYS if pick(saved, key) != pick(config, key)]
     if changed:
-        raise ValueError(
+        raise ResumeError(
             f"{out_dir} holds a checkpoint ({checkpoint.name}) of a run with a different "
             f"{', '.join(changed)}; pass the original values to continue it (resume={out_dir} alone "
             f"replays them), or use a new run directory (another hydra.run.dir) to start a different run"

@@ -15,14 +15,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lra.errors import ConfigError
 from lra.schedules import lr_multiplier
 
 EVAL_CHECKPOINTS = ("last", "best_val")
 PROBE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
 
 
-class ConfigError(ValueError):
-    """The composed config describes a run that cannot work."""
+__all__ = ["ConfigError", "check_attention", "probe_device", "validate_config"]
 
 
 def probe_device(accelerator: str) -> torch.device:

@@ -4,7 +4,8 @@
     python -m lra.analysis.ablation --skip-train     # report from the runs already in --runs-dir
     python -m lra.analysis.ablation --smoke --out /tmp/a   # operator part on small shapes (seconds)
 
-Two parts, written to ``--out`` (default ``results/analyses``): ``ablation.md`` and ``ablation_training.png``.
+Two parts, written to ``--out`` (default ``outputs/analyses``; the committed copy: ``--out
+results/analyses``): ``ablation.md`` and ``ablation_training.png``.
 
 * Operator (deterministic): the efficient-mode sums with every tensor held in fp16 / bf16 / fp32 (an
   emulation of the official code under autocast, where the states are matmul outputs in the autocast dtype),
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from lra.analysis.gradients import check_fresh, grad_series, read_metrics, shown
 from lra.analysis.registry import attention_factory
+from lra.errors import run_cli
 from lra.summary import REPO_ROOT, device_name
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -333,7 +335,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=2000)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "analyses" / "ablation")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "analyses")
+    # Scratch output by default: the committed results/analyses/ is rewritten only when named with --out.
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT / "outputs" / "analyses", help="default: outputs/analyses"
+    )
     parser.add_argument(
         "--skip-train", action="store_true", help="report from the runs already in --runs-dir"
     )
@@ -386,4 +391,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="python -m lra.analysis.ablation")

@@ -4,7 +4,8 @@
     python -m lra.analysis.gradients --skip-train          # report from the runs already in --runs-dir
     python -m lra.analysis.gradients --smoke --out /tmp/g  # the operator sweep only, tiny shapes (seconds)
 
-Two measurements, written to ``--out`` (default ``results/analyses``):
+Two measurements, written to ``--out`` (default ``outputs/analyses``; the committed copy:
+``--out results/analyses``):
 
 * training (``gradients_listops.png``, table in ``gradients.md``): each attention trains ``--steps`` steps
   on ListOps with the CPU profile (``train.py ... callbacks=analyses``), logging the per-layer norms of
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from lra.analysis.registry import attention_factory
+from lra.errors import MissingDataError, OutputExistsError, run_cli
 from lra.summary import REPO_ROOT, device_name
 
 ATTENTIONS = ("softmax", "taylorshift", "fastmax")
@@ -79,7 +81,7 @@ def check_fresh(run_dirs: Sequence[Path]) -> None:
     """train.py resumes a run directory that already holds a checkpoint, which would skip the training."""
     used = [str(path) for path in run_dirs if (path / "checkpoints").exists()]
     if used:
-        raise FileExistsError(
+        raise OutputExistsError(
             f"run directories already trained: {used}; report from them with --skip-train, or remove them "
             f"(or pass another --runs-dir) to train again"
         )
@@ -114,7 +116,7 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every logged series of a run's CSV log: ``{metric: [(step, value), ...]}``."""
     path = run_dir / "csv" / "metrics.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; train with logger=csv (or logger=wandb, which adds CSV)")
+        raise MissingDataError(f"{path} not found; train with logger=csv (or logger=wandb, which adds CSV)")
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
@@ -290,7 +292,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--every", type=int, default=10, help="log gradient norms every this many steps")
     parser.add_argument("--seq-len", type=int, default=256, help="ListOps length (CPU profile: 100..seq_len)")
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "analyses" / "gradients")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "analyses")
+    # Scratch output by default: the committed results/analyses/ is rewritten only when named with --out.
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT / "outputs" / "analyses", help="default: outputs/analyses"
+    )
     parser.add_argument(
         "--skip-train", action="store_true", help="report from the runs already in --runs-dir"
     )
@@ -339,4 +344,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="python -m lra.analysis.gradients")

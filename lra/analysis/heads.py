@@ -10,7 +10,8 @@ h is, so more, smaller heads should move the efficient mode's crossover down to 
 (spec 3.5). Each (h, d) pair runs through the efficiency benchmark's operator level (``lra.bench``:
 interleaved variants, median of repeats, peak memory with inputs excluded, fp32 correctness gate), so the
 numbers are measured exactly as ``python -m lra.bench`` measures them. Writes ``heads_<label>.md``,
-``heads_<label>.png`` and the rows (``heads_<label>.jsonl``) to ``--out`` (default ``results/analyses``).
+``heads_<label>.png`` and the rows (``heads_<label>.jsonl``) to ``--out`` (default ``outputs/analyses``; the
+committed copy: ``--out results/analyses``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lra.bench import (
     variants_from_config,
 )
 from lra.bench_report import METRICS, OperatorTable, metric_value
+from lra.errors import ConfigError, MissingDataError, run_cli
 from lra.summary import REPO_ROOT, to_jsonable
 from models.attention.taylorshift import crossover_n0, crossover_n1
 
@@ -88,7 +90,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for heads in args.heads:
         if args.width % heads:
-            raise ValueError(f"--width {args.width} is not divisible by {heads} heads")
+            raise ConfigError(f"--width {args.width} is not divisible by {heads} heads")
         head_dim = args.width // heads
         cfg = bench_config(args, heads, head_dim)
         if not rows:
@@ -260,7 +262,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--point-budget-s", type=float, default=120.0, help="skip longer points predicted slower"
     )
     parser.add_argument("--label", default="cpu")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "analyses")
+    # Scratch output by default: the committed results/analyses/ is rewritten only when named with --out.
+    parser.add_argument(
+        "--out", type=Path, default=REPO_ROOT / "outputs" / "analyses", help="default: outputs/analyses"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: width 16, h ∈ {2, 4}, N ≤ 64")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the JSONL")
     args = parser.parse_args(argv)
@@ -275,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     jsonl = args.out / f"heads_{args.label}.jsonl"
     if args.report_only:
+        if not jsonl.is_file():
+            raise MissingDataError(
+                f"--report-only: no rows at {jsonl}; measure first (without --report-only)"
+            )
         rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
         measured = next((row for row in rows if row["kind"] == "heads_run"), None)
         if measured is not None:
@@ -289,4 +298,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="python -m lra.analysis.heads")

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lra.analysis.capture import captured_attention_calls
+from lra.errors import ConfigError, MissingCheckpointError, run_cli
 from lra.module import INPUT_KEYS
 from models.attention.maps import attention_weights, key_axis_label
 from models.heads import LRAModel
@@ -62,7 +63,7 @@ def _select(requested: Sequence[int] | None, available: int, what: str) -> list[
     chosen = [int(index) for index in requested]
     bad = [index for index in chosen if not 0 <= index < available]
     if bad:
-        raise ValueError(f"attention maps: {what} {bad} out of range; the model has {available} {what}")
+        raise ConfigError(f"attention maps: {what} {bad} out of range; the model has {available} {what}")
     return chosen
 
 
@@ -238,7 +239,7 @@ class AttentionMaps(L.Callback):
             return
         size = batch["label"].shape[0]
         if not 0 <= self.example_index < size:
-            raise ValueError(
+            raise ConfigError(
                 f"AttentionMaps: example_index={self.example_index} is outside the first validation batch "
                 f"(size {size}); choose an index below {size}"
             )
@@ -304,7 +305,7 @@ def checkpoint_in(path: Path) -> Path:
         return path
     candidate = path / "checkpoints" / "last.ckpt"
     if not candidate.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path} (looked for {candidate}); pass a .ckpt file")
+        raise MissingCheckpointError(f"no checkpoint at {path} (looked for {candidate}); pass a .ckpt file")
     return candidate
 
 
@@ -327,7 +328,7 @@ def load_run(path: Path, datamodule: Any | None = None) -> tuple[LoadedRun, Any]
     run_dir = run_dir_of(path if path.is_dir() else checkpoint)
     config_path = run_dir / "config_resolved.yaml"
     if not config_path.is_file():
-        raise FileNotFoundError(
+        raise MissingCheckpointError(
             f"{config_path} not found; the checkpoint must sit in a train.py run directory "
             f"(<run>/checkpoints/*.ckpt next to <run>/config_resolved.yaml)"
         )
@@ -359,7 +360,7 @@ def example_from(datamodule: Any, split: str, index: int) -> dict[str, Tensor]:
     loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
     dataset = loader.dataset
     if not 0 <= index < len(dataset):
-        raise ValueError(f"--example {index} is outside the {split} split ({len(dataset)} examples)")
+        raise ConfigError(f"--example {index} is outside the {split} split ({len(dataset)} examples)")
     item = dataset[index]
     return {key: torch.as_tensor(value)[None] for key, value in item.items()}
 
@@ -379,7 +380,7 @@ def compare_checkpoints(
     for path in paths[1:]:
         run, _ = load_run(path, datamodule)
         if not _comparable_data(first.config.data, run.config.data):
-            raise ValueError(
+            raise ConfigError(
                 f"{path} was trained on different data than {paths[0]} (its config's data section differs); "
                 f"compare runs of the same task and sequence length"
             )
@@ -423,4 +424,4 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, prog="python -m lra.analysis.maps")

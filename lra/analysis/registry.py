@@ -8,6 +8,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from lra.errors import ConfigError
 from lra.summary import REPO_ROOT
 from models.attention.base import Attention
 
@@ -28,7 +29,7 @@ def attention_factory(
     """
     path = ATTENTION_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise ValueError(f"unknown attention {name!r}: no {path}; registered: {registered_attentions()}")
+        raise ConfigError(f"unknown attention {name!r}: no {path}; registered: {registered_attentions()}")
     node = OmegaConf.merge(OmegaConf.load(path), dict(overrides or {}))
     root = OmegaConf.create({"model": {"attn_dropout": attn_dropout}, "attention": node})
     return instantiate(root.attention)
