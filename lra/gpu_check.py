@@ -1,0 +1,434 @@
+"""One prepared command that checks every GPU-only path of the harness in about 8 minutes (issue 18).
+
+    make gpu-check                       # on one CUDA GPU: results/gpu/<device-name>/
+    make gpu-check DRY_RUN=1             # the same code paths on a CPU at tiny sizes (what CI tests)
+    python -m lra.gpu_check [--dry-run] [--out DIR] [--scratch DIR] [--stages pytest,train] [--budget-scale 2]
+
+Four stages, each with a time budget (unused time passes to the next stage; a stage that runs out records
+what it measured, says so, and the check goes on):
+
+1. ``pytest``: the ``gpu``-marked tests (Triton bf16/fp16 numerics and memory, the fp16 grad scaler).
+2. ``operator``: bf16, B=1, h=8, d=64, N = 4k ... 64k: SDPA cuDNN and FLASH pinned, TaylorShift efficient
+   eager / Triton / ``torch.compile``, Fastmax torch / Triton, Performer, Linformer, through
+   ``lra.bench.OperatorBench`` (CUDA events, peak memory, a gate against fp32, an in-run bf16 matmul for
+   achieved TFLOP/s).
+3. ``model``: every attention at each task's official size (``conf/task/*.yaml``; Text at 4K) in bf16-mixed
+   through ``lra.bench.ModelBench``: steps/s, tokens/s, peak memory relative to softmax; OOM is a row.
+4. ``train``: ``train.py`` on the official ListOps recipe (generated data, a few hundred steps, W&B offline),
+   then ``resume=`` to more steps: loss falls, summary.json has CUDA memory and throughput, the run resumes.
+
+Operator and model stages run in child processes killed at their deadline plus a grace period, so a hung
+kernel costs one stage, not the check. Output (at most 8 files): ``rows.jsonl``, ``report.md`` (targets met
+or missed, crossovers; ``lra/gpu_check_report.py``), ``time_vs_n.png``, ``memory_vs_n.png``,
+``model_vs_softmax.png``, ``pytest.log``, ``train.log``. Training runs, data and JUnit XML go to
+``--scratch``.
+
+The GPU image lacks hydra-core, omegaconf, antlr4 and wandb: when an import is missing, the wheels in
+``.whl/`` are installed (``pip --no-index --no-deps --target .whl/site``) and the check restarts with them.
+On the machine with network access, from the repository root, fetch them once (25 MB)::
+
+    bash ../shared/tools/device-wheels.sh            # writes .whl/ (git-ignored)
+
+then on the GPU machine, with ``.whl`` carried (``$OUT``: the folder a device call brings back)::
+
+    python3 -m lra.gpu_check; rc=$?; cp -r results/gpu "$OUT"/; exit $rc     # or: make gpu-check
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+# Standard library only: importable before ensure_imports has installed the carried wheels.
+from lra.gpu_check_stages import Rows, run_bounded, stage_pytest, stage_train
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = ("hydra", "omegaconf", "antlr4", "lightning", "torch")
+# Seconds a child stage may run past its deadline (a point already started, e.g. a torch.compile) before
+# it is killed; the overrun is taken from the later stages.
+GRACE_S = 40.0
+
+_VARIANTS = {
+    # The first variant of each attention is the fp32 reference of bench's correctness gate.
+    "softmax": [{"backend": "math", "quadratic": True}, {"backend": "cudnn"}, {"backend": "flash"}],
+    "taylorshift": [{"mode": "efficient", "impl": "torch"}, {"mode": "efficient", "impl": "triton"}],
+    "fastmax": [{"impl": "torch"}, {"impl": "triton"}],
+    "performer": [{}],
+    "linformer": [{}],
+}
+# torch.compile compiles once per shape (bench resets dynamo): its rows run after all the others, the
+# target length first, so a short budget loses compile rows rather than the kernels' rows.
+_COMPILE = {"taylorshift": [{"mode": "efficient", "impl": "torch", "compile": True}]}
+
+GPU: dict[str, Any] = {
+    "name": "gpu",
+    "device": "cuda",
+    "dtype": "bfloat16",
+    "budgets_s": {"pytest": 90, "operator": 140, "model": 100, "train": 120},
+    "calibration": {"matmul_n": 8192, "copy_mb": 1024, "repeats": 20},
+    "operator_level": {
+        "batch": [1],
+        "heads": [8],
+        "head_dim": [64],
+        # The issue's 4k/16k/64k plus 8k, where the FlashAttention-2 target starts.
+        "seq_len": [4096, 8192, 16384, 65536],
+        "causal": [False],
+        "masked": [False],
+        "warmup": 3,
+        "repeats": 20,
+        "max_n_quadratic": 4096,
+        "point_budget_s": 30,
+        "gate_max_n": 4096,
+        "gate_tol": {"float64": 1.0e-8, "float32": 1.0e-3, "bfloat16": 5.0e-2, "float16": 5.0e-2},
+    },
+    "variants": _VARIANTS,
+    "compile_variants": _COMPILE,
+    "compile_seq_len": [16384, 65536, 4096, 8192],
+    "compile_backend": None,
+    "references": ["softmax backend=cudnn", "softmax backend=flash"],
+    "model_level": {
+        # task: overrides of conf/task/<task>.yaml's data.seq_len / data.batch_size (null: the official)
+        "tasks": {"listops": {}, "text": {"seq_len": 4000}, "image": {}, "pathfinder": {}, "pathx": {}},
+        "profile": "official",
+        "precision": "bf16-mixed",
+        "overrides": [],
+        "variants": {},
+        "warmup": 2,
+        "repeats": 10,
+        "point_budget_s": 60,
+    },
+    "train": {
+        "attention": "taylorshift",
+        "profile": "official",
+        "logger": "wandb",  # offline (WANDB_MODE defaults to offline)
+        "steps": 200,
+        "resume_steps": 300,
+        # The official recipe with fewer generated examples (generation is ~2 ms per example).
+        "overrides": [
+            "data.num_train=10000",
+            "data.num_val=500",
+            "data.num_test=500",
+            "trainer.val_check_interval=100",
+            "trainer.log_every_n_steps=10",
+            "trainer.enable_progress_bar=false",
+        ],
+    },
+}
+
+# The same code paths on a CPU at tiny sizes: fp32, the Triton kernels in Triton's interpreter, torch.compile
+# with the eager backend (Inductor's C++ build would take minutes), a few training steps on the cpu profile.
+_TINY_MODEL = [
+    "model.n_layers=1",
+    "model.d_model=16",
+    "model.qkv_dim=16",
+    "model.mlp_dim=16",
+    "model.num_heads=2",
+]
+DRY: dict[str, Any] = copy.deepcopy(GPU)
+DRY.update(
+    name="dry-run",
+    device="cpu",
+    dtype="float32",
+    # Generous: on a loaded CI machine a dry run must not be cut (tests/test_gpu_check.py tests the cut path).
+    budgets_s={"pytest": 240, "operator": 240, "model": 240, "train": 300},
+    calibration={"matmul_n": 64, "copy_mb": 1, "repeats": 3},
+    compile_seq_len=[32],
+    compile_backend="eager",
+)
+DRY["variants"] = {**_VARIANTS, "linformer": [{"proj_len": 8}]}
+DRY["operator_level"].update(
+    heads=[2], head_dim=[8], seq_len=[16, 32], warmup=1, repeats=2, max_n_quadratic=32, gate_max_n=32
+)
+DRY["model_level"].update(
+    tasks={task: {"seq_len": 32, "batch_size": 2} for task in GPU["model_level"]["tasks"]},
+    profile="cpu",
+    precision="32",
+    overrides=_TINY_MODEL,
+    variants={"linformer": [{"proj_len": 8}]},
+    warmup=1,
+    repeats=2,
+)
+DRY["train"].update(
+    profile="cpu",
+    logger="csv",  # W&B's service start and sync add seconds to each of the two runs
+    steps=6,
+    resume_steps=9,
+    overrides=[
+        *_TINY_MODEL,
+        "data.num_train=64",
+        "data.num_val=16",
+        "data.num_test=16",
+        "data.seq_len=64",
+        "data.min_length=8",
+        "data.max_length=64",
+        "data.batch_size=8",
+        "trainer.val_check_interval=3",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+    ],
+)
+
+
+def ensure_imports(wheels: Path, argv: list[str]) -> None:
+    """Install the wheels in ``wheels`` and restart when a package the check needs cannot be imported."""
+    import importlib.util
+
+    found = sorted(wheels.glob("*.whl"))
+    installed = bool(os.environ.get("LRA_GPU_CHECK_INSTALLED"))
+    missing = [name for name in (*REQUIRED, "wandb") if importlib.util.find_spec(name) is None]
+    # W&B is optional (the training stage falls back to the CSV logger), but installed when carried.
+    if not missing or (missing == ["wandb"] and (installed or not found)):
+        return
+    if installed:
+        sys.exit(f"gpu_check: {missing} still missing after installing {wheels}: run a python that has torch")
+    if not found:
+        sys.exit(
+            f"gpu_check: cannot import {missing}. Fetch the wheels where pip has network access: "
+            f"`bash ../shared/tools/device-wheels.sh` (writes .whl/), carry .whl, and rerun."
+        )
+    site = wheels / "site"
+    print(
+        f"gpu_check: {missing} missing; installing {len(found)} wheels from {wheels} into {site}", flush=True
+    )
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+    pip += ["--no-cache-dir", "--upgrade", "--disable-pip-version-check", "--target", str(site)]
+    subprocess.run([*pip, *map(str, found)], check=True)
+    path = os.pathsep.join(filter(None, [str(site.resolve()), os.environ.get("PYTHONPATH")]))
+    os.environ.update(PYTHONPATH=path, LRA_GPU_CHECK_INSTALLED="1")
+    os.execv(sys.executable, [sys.executable, "-m", "lra.gpu_check", *argv])
+
+
+def _drain(rows: Iterable[dict[str, Any]], sink: Rows, deadline: float, stage: str, extra: Callable) -> bool:
+    """Emit rows until the iterator ends (True) or the deadline passes (a ``cut`` row, False)."""
+    from lra.bench import _print_row
+
+    for row in rows:
+        row = extra(row)
+        sink.emit(row)
+        _print_row(row)
+        if time.time() > deadline:
+            sink.emit({"kind": "cut", "stage": stage, "after": f"{row.get('label')} N={row.get('seq_len')}"})
+            print(f"gpu_check: {stage} stage out of time after {row.get('label')} N={row.get('seq_len')}")
+            return False
+    return True
+
+
+def _bench_cfg(preset: dict[str, Any], **level: Any) -> Any:
+    """The DictConfig that lra.bench's OperatorBench / ModelBench read (conf/bench.yaml's shared keys)."""
+    from omegaconf import OmegaConf
+
+    bench = {key: preset[key] for key in ("name", "device", "dtype", "calibration", "operator_level")}
+    bench |= {"references": preset["references"], "model_level": level or preset["model_level"]}
+    base = OmegaConf.load(REPO / "conf" / "bench.yaml")
+    return OmegaConf.create(
+        {
+            "bench": bench,
+            "seed": 0,
+            "model": {"attn_dropout": 0.0},
+            "fwd_bwd_flop_factor": base.fwd_bwd_flop_factor,
+        }
+    )
+
+
+def stage_operator(preset: dict[str, Any], sink: Rows, deadline: float) -> None:
+    import torch
+
+    from lra import bench
+
+    cfg = _bench_cfg(preset)
+    device, dtype = torch.device(preset["device"]), bench.DTYPES[preset["dtype"]]
+    env = bench.environment(device)
+    calibration = {**bench.calibration_row(cfg.bench, device, dtype), **env}
+    sink.emit(calibration)
+    variants = bench.variants_from_config(preset["variants"], list(preset["variants"]))
+    rows = bench.OperatorBench(cfg, variants, device, dtype, env, calibration).rows()
+    if not _drain(rows, sink, deadline, "operator", lambda row: row):
+        return
+    compiled = bench.variants_from_config(preset["compile_variants"], list(preset["compile_variants"]))
+    for seq_len in preset["compile_seq_len"]:
+        cfg.bench.operator_level.seq_len = [seq_len]
+        rows = bench.OperatorBench(cfg, compiled, device, dtype, env, calibration).rows()
+        if not _drain(rows, sink, deadline, "operator", lambda row: row):
+            return
+
+
+def stage_model(preset: dict[str, Any], sink: Rows, deadline: float) -> None:
+    import torch
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from lra import bench
+
+    device, level = torch.device(preset["device"]), preset["model_level"]
+    env = bench.environment(device)
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for task, sizes in level["tasks"].items():
+            official = OmegaConf.load(REPO / "conf" / "task" / f"{task}.yaml").data
+            seq_len = int(sizes.get("seq_len") or official.seq_len)
+            batch = int(sizes.get("batch_size") or official.batch_size)
+            task_level = {key: value for key, value in level.items() if key != "tasks"}
+            task_level |= {"task": task, "seq_len": [seq_len], "batch_size": batch, "reference": "softmax"}
+            cfg = _bench_cfg(preset, **task_level)
+            variants = bench.variants_from_config(level["variants"], bench.registered_attentions())
+
+            def tokens(row: dict[str, Any]) -> dict[str, Any]:
+                # Padded tokens the model processes per second, as train.py's ThroughputMonitor counts them.
+                if row.get("steps_per_s"):
+                    row["tokens_per_s"] = row["steps_per_s"] * row["batch"] * row["seq_len"]
+                return row
+
+            if not _drain(
+                bench.ModelBench(cfg, variants, device, env).rows(), sink, deadline, "model", tokens
+            ):
+                return
+
+
+def child_main(stage: str, preset: dict[str, Any], rows: Path, deadline: float) -> None:
+    """A stage in its own process (``--stage``): the parent kills it at deadline + GRACE_S."""
+    import torch
+
+    if preset["device"] == "cpu":
+        torch.set_num_threads(1)
+    if preset["compile_backend"]:
+        import functools
+
+        # Only the dry run: Dynamo traces as on the GPU, without Inductor's minutes-long C++ build.
+        torch.compile = functools.partial(torch.compile, backend=preset["compile_backend"])
+    {"operator": stage_operator, "model": stage_model}[stage](preset, Rows(rows), deadline)
+
+
+def stage_child(name: str, dry: bool, sink: Rows, deadline: float, **_: Any) -> str:
+    cmd = [sys.executable, "-m", "lra.gpu_check", "--stage", name, "--rows", str(sink.path)]
+    cmd += ["--deadline", str(deadline)] + (["--dry-run"] if dry else [])
+    env = dict(os.environ)
+    if dry:
+        env.setdefault("TRITON_INTERPRET", "1")  # the Triton variants run in the interpreter on a CPU
+    code = run_bounded(cmd, deadline - time.time() + GRACE_S, env=env)
+    if code is None:
+        return f"killed {GRACE_S:.0f} s past its deadline"
+    return "ok" if code == 0 else f"failed (exit {code})"
+
+
+STAGES = ("pytest", "operator", "model", "train")
+
+
+def folders(dry: bool, label: str, out: str | None, scratch: str | None) -> tuple[Path, Path]:
+    """(report folder, scratch folder). A dry run never writes into the committed ``results/``."""
+    where = REPO / "outputs" / "gpu-check-dry" if dry else REPO / "results" / "gpu"
+    scratch_default = REPO / "outputs" / ("gpu-check-dry" if dry else "gpu-check")
+    return Path(out) if out else where / label, Path(scratch) if scratch else scratch_default
+
+
+def run_check(args: argparse.Namespace) -> int:
+    import torch
+
+    from lra import bench
+    from lra.gpu_check_report import OUTPUT_FILES, write_report
+
+    preset = DRY if args.dry_run else GPU
+    device = torch.device(preset["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu_check: no CUDA device; `python -m lra.gpu_check --dry-run` runs the CPU dry run")
+    label = "dry-run-cpu" if args.dry_run else bench.default_label(device)
+    out, scratch = folders(args.dry_run, label, args.out, args.scratch)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name in OUTPUT_FILES:  # files of an earlier check, never anything else
+        (out / name).unlink(missing_ok=True)
+    sink = Rows(out / "rows.jsonl")
+    chosen = args.stages.split(",") if args.stages else list(STAGES)
+    if set(chosen) - set(STAGES):
+        sys.exit(f"gpu_check: --stages {args.stages!r}: choose from {','.join(STAGES)}")
+    stages = [s for s in STAGES if s in chosen]
+    started = time.time()
+    sink.emit(
+        {
+            "kind": "run",
+            **bench.environment(device),
+            "label": label,
+            "preset": preset["name"],
+            "dry_run": args.dry_run,
+            "dtype": preset["dtype"],
+            "stages": stages,
+            "budgets_s": {s: preset["budgets_s"][s] * args.budget_scale for s in stages},
+            "load_avg_start": list(os.getloadavg()),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "config": {key: preset[key] for key in ("operator_level", "model_level", "train", "variants")},
+            "references": preset["references"],
+            "notes": [],
+        }
+    )
+    runners = {"pytest": stage_pytest, "operator": stage_child, "model": stage_child, "train": stage_train}
+    carry, failed = 0.0, False
+    for name in stages:
+        nominal = preset["budgets_s"][name] * args.budget_scale
+        budget = max(nominal / 2, nominal + carry)  # an overrun shortens later stages, never below half
+        stage_start = time.time()
+        deadline = stage_start + budget
+        print(f"\n== gpu_check: stage {name} (budget {budget:.0f} s)", flush=True)
+        try:
+            status = runners[name](
+                name=name,
+                preset=preset,
+                dry=args.dry_run,
+                sink=sink,
+                deadline=deadline,
+                out=out,
+                scratch=scratch,
+            )
+        except Exception as error:  # noqa: BLE001 - a broken stage is a row; the later stages still run
+            status = f"failed: {type(error).__name__}: {error}"
+        wall = time.time() - stage_start
+        cut = any(r.get("kind") == "cut" and r.get("stage") == name for r in _read(sink.path))
+        sink.emit(
+            {"kind": "stage", "stage": name, "status": status, "budget_s": budget, "wall_s": wall, "cut": cut}
+        )
+        print(
+            f"== gpu_check: stage {name}: {status} in {wall:.0f} s" + (" (out of time)" if cut else ""),
+            flush=True,
+        )
+        failed |= status != "ok"
+        carry = deadline - time.time()
+    sink.emit({"kind": "run_end", "load_avg_end": list(os.getloadavg()), "wall_s": time.time() - started})
+    report = write_report(sink.path, out)
+    print(f"\ngpu_check: {time.time() - started:.0f} s; report {report}", flush=True)
+    return 1 if failed else 0
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    from lra.gpu_check_report import load_rows
+
+    return load_rows(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m lra.gpu_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks the script itself")
+    parser.add_argument(
+        "--out", help="report folder (default results/gpu/<device>; dry run: outputs/gpu-check-dry)"
+    )
+    parser.add_argument("--scratch", help="training runs, data, JUnit XML (default outputs/gpu-check[-dry])")
+    parser.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
+    parser.add_argument("--budget-scale", type=float, default=1.0, help="multiply every stage's time budget")
+    parser.add_argument("--wheels", default=str(REPO / ".whl"), help="wheels to install when imports fail")
+    parser.add_argument("--stage", choices=["operator", "model"], help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    ensure_imports(Path(args.wheels), argv)
+    if args.stage:
+        child_main(args.stage, DRY if args.dry_run else GPU, Path(args.rows), args.deadline)
+        return 0
+    return run_check(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""The GPU check's report.md and model-level plot, from its rows.jsonl alone (``lra/gpu_check.py``).
+
+    python -m lra.gpu_check_report results/gpu/<device>/rows.jsonl      # rewrite report.md and the plots
+
+Reuses ``lra/bench_report.py`` for the operator tables, crossovers and the time/memory plots, and adds the
+kernel targets of issue 18, achieved TFLOP/s against the in-run matmul, the numerics gate, the per-task model
+table, the training run's checks and the pytest outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from lra.bench_report import (
+    OperatorTable,
+    _fmt,
+    _md_table,
+    _setting_text,
+    environment_section,
+    operator_sections,
+    plot,
+    problems_section,
+    softmax_section,
+)
+
+# Every file the check writes into its report folder (at most 8, so that one device call brings all back).
+OUTPUT_FILES = (
+    "rows.jsonl",
+    "report.md",
+    "time_vs_n.png",
+    "memory_vs_n.png",
+    "model_vs_softmax.png",
+    "pytest.log",
+    "train.log",
+)
+# Issue 18: fused Triton TaylorShift, B=1, h=8, N=16384, d=64, bf16, non-causal.
+TARGET_LABEL = "taylorshift mode=efficient,impl=triton"
+TARGET_SHAPE = {"batch": 1, "heads": 8, "head_dim": 64, "seq_len": 16384}
+TARGET_LIMITS = {"fwd_ms": (1.0, "ms"), "fwd_bwd_ms": (3.5, "ms"), "peak_mb": (150.0, "MB")}
+NAMES = {"fwd_ms": "fwd", "fwd_bwd_ms": "fwd+bwd", "peak_mb": "peak (fwd+bwd)"}
+# (reference label, N from which the kernel must be faster)
+TARGET_CROSSOVERS = [("softmax backend=cudnn", 16384), ("softmax backend=flash", 8192)]
+EARLIER_H100 = (
+    "Measured earlier on an H100 for orientation (issue 18), fwd / fwd+bwd / peak at N=16,384: SDPA cuDNN "
+    "1.17 / 4.09 ms / 97 MB, FA2 1.92 / 6.76 ms / 129 MB, PyTorch TaylorShift efficient 4.93 / 29.7 ms / "
+    "4.2 GB."
+)
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL file; a line cut off by a killed stage is skipped."""
+    if not Path(path).is_file():
+        return []
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def _target_point(table: OperatorTable) -> tuple[tuple, int, int] | None:
+    """(setting, d, N) of the targets: the issue's shape, or in a dry run the nearest that was measured."""
+    if not table.settings:
+        return None
+    setting = next((s for s in table.settings if s[1:3] == (1, 8)), table.settings[0])
+    dims = table.head_dims(setting)
+    head_dim = TARGET_SHAPE["head_dim"] if TARGET_SHAPE["head_dim"] in dims else dims[-1]
+    lengths = table.lengths(setting, head_dim)
+    n = TARGET_SHAPE["seq_len"] if TARGET_SHAPE["seq_len"] in lengths else lengths[-1]
+    return setting, head_dim, n
+
+
+def targets_section(table: OperatorTable) -> list[str]:
+    lines = ["## Targets (issue 18): fused Triton TaylorShift, B=1, h=8, N=16,384, d=64, bf16", ""]
+    point = _target_point(table)
+    if point is None:
+        return lines + ["No operator rows: the operator stage did not run.", ""]
+    setting, head_dim, n = point
+    if (head_dim, n) != (TARGET_SHAPE["head_dim"], TARGET_SHAPE["seq_len"]) or setting[0] != "bfloat16":
+        lines += [
+            f"**Not the target shape**: evaluated at {_setting_text(setting)}, d={head_dim}, N={n:,} "
+            "(a dry run).",
+            "",
+        ]
+    row = table.get(setting, head_dim, TARGET_LABEL, n)
+    body = []
+    for metric, (limit, unit) in TARGET_LIMITS.items():
+        value = None if row is None or row.get("skipped") or row.get("error") else row.get(metric)
+        if value is None:
+            verdict = "not measured" + (f" ({row.get('error') or row.get('skipped')})" if row else "")
+        elif value <= limit:
+            verdict = f"**met**, {100 * (1 - value / limit):.0f}% under"
+        else:
+            verdict = f"**missed** by {100 * (value / limit - 1):.0f}% ({value / limit:.2f}× the target)"
+        body.append([NAMES[metric], f"≤ {limit:g} {unit}", _fmt(value), verdict])
+    for reference, from_n in TARGET_CROSSOVERS:
+        for metric in ("fwd_ms", "fwd_bwd_ms"):
+            found = table.crossover(setting, head_dim, TARGET_LABEL, reference, metric)
+            ours, theirs = (
+                table.get(setting, head_dim, label, from_n) for label in (TARGET_LABEL, reference)
+            )
+            ratio = ""
+            if ours and theirs and ours.get(metric) and theirs.get(metric):
+                ratio = f"; at N={from_n:,}: {ours[metric] / theirs[metric]:.2f}× its time"
+            if found.status == "unknown":
+                verdict = "not measured"
+            else:
+                met = found.status == "always" or (found.status == "crossed" and found.n <= from_n)
+                verdict = f"**{'met' if met else 'missed'}**: faster from N {found.text()}{ratio}"
+            name = f"faster than `{reference}` ({NAMES[metric]})"
+            body.append([name, f"from N = {from_n:,}", "", verdict])
+    lines += _md_table(["target", "goal", "measured", "verdict"], body)
+    return lines + [EARLIER_H100, ""]
+
+
+def tflops_section(table: OperatorTable, calibration: dict[str, Any] | None) -> list[str]:
+    matmul = (calibration or {}).get("matmul_gflops")
+    lines = ["## Achieved TFLOP/s (each method's own FLOPs) against the in-run matmul", ""]
+    if matmul:
+        lines += [
+            f"In-run {calibration['matmul_n']}³ {calibration['dtype']} matmul: {matmul / 1e3:,.1f} TFLOP/s "
+            f"(100%). Cells: fwd / fwd+bwd TFLOP/s (fwd+bwd as % of the matmul).",
+            "",
+        ]
+    for setting in table.settings:
+        for head_dim in table.head_dims(setting):
+            ns = table.lengths(setting, head_dim)
+            body = []
+            for label in table.labels:
+                cells = []
+                for n in ns:
+                    row = table.get(setting, head_dim, label, n) or {}
+                    fwd, fb = row.get("fwd_gflops"), row.get("fwd_bwd_gflops")
+                    pct = f" ({100 * fb / matmul:.0f}%)" if fb and matmul else ""
+                    cells.append(f"{_fmt(fwd and fwd / 1e3)} / {_fmt(fb and fb / 1e3)}{pct}" if fwd else "")
+                if any(cells):
+                    body.append([f"`{label}`", *cells])
+            lines += [f"d = {head_dim}, {_setting_text(setting)}:", ""] + _md_table(
+                ["method", *[f"N={n:,}" for n in ns]], body
+            )
+    return lines
+
+
+def gate_section(rows: list[dict[str, Any]]) -> list[str]:
+    gated = [r for r in rows if r.get("kind") == "operator" and r.get("gate_err") is not None]
+    lines = ["## Numerics: output and q/k/v gradients against the attention's first variant in fp32", ""]
+    if not gated:
+        return lines + ["No gated rows.", ""]
+    body = [
+        [
+            f"`{r['label']}`",
+            f"{r['seq_len']:,}",
+            f"{r['gate_err']:.2e}",
+            str(r.get("gate_against")),
+            "✓" if r.get("gate_ok") else "✗",
+        ]
+        for r in gated
+    ]
+    return lines + _md_table(["method", "N", "max rel. error", "against", "ok"], body)
+
+
+def model_section(rows: list[dict[str, Any]]) -> list[str]:
+    model_rows = [r for r in rows if r.get("kind") == "model"]
+    lines = ["## Model level: each task at its official size, training step (LRA Table 2 style)", ""]
+    if not model_rows:
+        return lines + ["No model rows: the model stage did not run.", ""]
+    lines += [
+        "One step = forward, cross-entropy, backward, the task's optimiser step; ratios against `softmax` "
+        "(SDPA, backend auto) of the same task. Peak: the step's rise above parameters and optimiser "
+        "state. tokens/s = steps/s × batch × N.",
+        "",
+    ]
+    body = []
+    for task in dict.fromkeys(r["task"] for r in model_rows):
+        task_rows = [r for r in model_rows if r["task"] == task]
+        ref = next((r for r in task_rows if r["label"] == "softmax" and r.get("steps_per_s")), None)
+        for r in task_rows:
+            shape = f"N={r['seq_len']:,}, B={r['batch']}, {r.get('n_layers', '?')}×{r.get('d_model', '?')}"
+            if not r.get("steps_per_s"):
+                what = "OOM" if r.get("oom") else (r.get("skipped") or r.get("error") or "")
+                body.append([task, shape, f"`{r['label']}`", what[:120], "", ""])
+                continue
+            speed = f" ({r['steps_per_s'] / ref['steps_per_s']:.2f}×)" if ref else ""
+            memory = f" ({r['peak_mb'] / ref['peak_mb']:.2f}×)" if ref and ref.get("peak_mb") else ""
+            body.append(
+                [
+                    task,
+                    shape,
+                    f"`{r['label']}`" + (f" → {r['mode_used']}" if r.get("mode_used") else ""),
+                    _fmt(r["steps_per_s"]) + speed,
+                    _fmt(r.get("tokens_per_s")),
+                    _fmt(r["peak_mb"]) + memory,
+                ]
+            )
+    return lines + _md_table(
+        ["task", "shape", "attention", "steps/s (× softmax)", "tokens/s", "peak MB (× softmax)"], body
+    )
+
+
+def train_section(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["## Training run: train.py on the ListOps recipe, then resume", ""]
+    phases = [r for r in rows if r.get("kind") == "train"]
+    checks = [r for r in rows if r.get("kind") == "train_check"]
+    if not phases:
+        return lines + ["The training stage did not run.", ""]
+    body = []
+    for r in phases:
+        perf, metrics = r.get("perf") or {}, r.get("metrics") or {}
+        body.append(
+            [
+                r["phase"],
+                str(r.get("status")),
+                str(r.get("global_step")),
+                str(r.get("precision")),
+                _fmt(perf.get("steps_per_s")),
+                _fmt(perf.get("tokens_per_s")),
+                f"{_fmt(perf.get('peak_mem_gb'))} ({perf.get('peak_mem_kind')})",
+                _fmt(metrics.get("val/acc")),
+                _fmt(metrics.get("test/acc")),
+                f"{r['wall_s']:.0f}",
+            ]
+        )
+    header = [
+        "phase",
+        "status",
+        "step",
+        "precision",
+        "steps/s",
+        "tokens/s",
+        "peak GB",
+        "val acc",
+        "test acc",
+        "wall s",
+    ]
+    lines += _md_table(header, body)
+    for c in checks:
+        mark = "✓" if c["ok"] else ("✗" if c.get("counts", True) else "✗ (not counted in a dry run)")
+        lines.append(f"- {mark} {c['check']}: {c['detail']}")
+    return lines + ["", "Full log: [`train.log`](train.log).", ""]
+
+
+def pytest_section(rows: list[dict[str, Any]]) -> list[str]:
+    tests = [r for r in rows if r.get("kind") == "pytest"]
+    lines = ["## GPU tests (`pytest -m gpu`)", ""]
+    if not tests:
+        return lines + ["No test results (the stage did not run or pytest was killed).", ""]
+    counts: dict[str, int] = {}
+    for t in tests:
+        counts[t["outcome"]] = counts.get(t["outcome"], 0) + 1
+    lines += [", ".join(f"{v} {k}" for k, v in counts.items()) + ". Log: [`pytest.log`](pytest.log).", ""]
+    body = [
+        [f"`{t['test']}`", t["outcome"], f"{t['time_s']:.1f}", (t.get("message") or "")[:160]] for t in tests
+    ]
+    return lines + _md_table(["test", "outcome", "s", "message"], body)
+
+
+def stage_section(rows: list[dict[str, Any]]) -> list[str]:
+    stages = [r for r in rows if r.get("kind") == "stage"]
+    body = [
+        [
+            r["stage"],
+            r["status"] + (" — **out of time**, partial rows" if r.get("cut") else ""),
+            f"{r['wall_s']:.0f}",
+            f"{r['budget_s']:.0f}",
+        ]
+        for r in stages
+    ]
+    return ["## Stages", ""] + _md_table(["stage", "status", "wall s", "budget s"], body)
+
+
+def model_plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """model_vs_softmax.png: steps/s and peak memory relative to softmax, one group of bars per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib import ticker
+
+    model_rows = [r for r in rows if r.get("kind") == "model" and r.get("steps_per_s")]
+    tasks = list(dict.fromkeys(r["task"] for r in model_rows))
+    labels = list(dict.fromkeys(r["label"] for r in model_rows))
+    if not tasks:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(labels)
+    for ax, key, title in zip(axes, ("steps_per_s", "peak_mb"), ("steps/s", "peak memory"), strict=True):
+        for i, label in enumerate(labels):
+            ratios = []
+            for task in tasks:
+                ours = next((r for r in model_rows if r["task"] == task and r["label"] == label), None)
+                ref = next((r for r in model_rows if r["task"] == task and r["label"] == "softmax"), None)
+                ok = ours and ref and ours.get(key) and ref.get(key)
+                ratios.append(ours[key] / ref[key] if ok else math.nan)
+            ax.bar([t + i * width for t in range(len(tasks))], ratios, width, label=label)
+        ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_title(f"{title} relative to softmax (log scale)")
+    axes[1].legend(fontsize=8, frameon=False)
+    fig.suptitle(
+        f"{model_rows[0].get('device_name')}: model level, each task at its official size", fontsize=10
+    )
+    fig.tight_layout()
+    path = out_dir / "model_vs_softmax.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
+    """report.md and the plots from a check's rows.jsonl; returns the report's path."""
+    jsonl = Path(jsonl)
+    out_dir = Path(out_dir) if out_dir is not None else jsonl.parent
+    rows = load_rows(jsonl)
+    run = next((r for r in rows if r.get("kind") == "run"), {})
+    end = next((r for r in rows if r.get("kind") == "run_end"), None)
+    calibration = next((r for r in rows if r.get("kind") == "calibration"), None)
+    table = OperatorTable([r for r in rows if r.get("kind") == "operator"])
+    plots = plot(table, out_dir) + model_plot(rows, out_dir)
+    title = f"# GPU check: {run.get('device_name', out_dir.name)}"
+    lines = [title, ""]
+    if run.get("dry_run"):
+        lines += ["**Dry run** on a CPU at tiny sizes: it checks the script, not the GPU.", ""]
+    lines += [
+        f"Written by `python -m lra.gpu_check` (issue 18) from [`{jsonl.name}`]({jsonl.name}); regenerate "
+        "with "
+        f"`python -m lra.gpu_check_report {jsonl.name}`. Wall time "
+        f"{(end or {}).get('wall_s', 0) / 60:.1f} min.",
+        "",
+    ]
+    lines += stage_section(rows) + targets_section(table)
+    lines += environment_section(run, end, calibration)
+    lines += softmax_section(table, run.get("references") or [])
+    lines += tflops_section(table, calibration) + gate_section(rows)
+    lines += model_section(rows) + train_section(rows) + pytest_section(rows)
+    lines += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots] + [""]
+    lines += operator_sections(table) + problems_section(rows)
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m lra.gpu_check_report <rows.jsonl>")
+    print(write_report(Path(sys.argv[1])))
