@@ -922,6 +922,12 @@ def _summary_path(run: Run) -> Path | None:
     return None
 
 
+def _val_class_counts(summary_path: Path) -> list[int] | None:
+    """The class counts of the validation examples a run scored (summary.json's data section), if any."""
+    counts = ((json.loads(summary_path.read_text()).get("data") or {}).get("class_counts") or {}).get("val")
+    return list(counts.values()) if isinstance(counts, dict) else counts
+
+
 def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
     """One learning-curve PNG per (recipe, device, task) under ``out_dir/curves``, from the main config's
     completed runs that have a curve; stale PNGs there are removed. Returns the links per section."""
@@ -930,7 +936,7 @@ def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[t
     folder, links, written = out_dir / "curves", {}, set()
     for section in report.sections:
         for task in dict.fromkeys(cell.task for cell in section.cells):
-            curves = {}
+            curves, majority = {}, None
             for cell in section.cells:
                 if cell.task != task or not cell.main_variant:
                     continue
@@ -938,10 +944,14 @@ def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[t
                 found = [curve for path in paths if path and (curve := read_curve(path.parent)) is not None]
                 if found:
                     curves[cell.attention] = found
+                for path in paths:
+                    val_counts = _val_class_counts(path) if majority is None and path else None
+                    if val_counts:
+                        majority = max(val_counts) / sum(val_counts)
             if not curves:
                 continue
             path = folder / f"{figure_name(section.profile, section.device, task)}.png"
-            plot_task(curves, f"{section.recipe}, {section.device}", task, path, ATTENTION_ORDER)
+            plot_task(curves, f"{section.recipe}, {section.device}", task, path, ATTENTION_ORDER, majority)
             written.add(path)
             links.setdefault((section.profile, section.device), []).append((task, f"curves/{path.name}"))
     for stale in sorted(folder.glob("*.png")) if folder.is_dir() else []:

@@ -1,0 +1,110 @@
+"""lra.analysis.lag: row sharpness at init and end, and τ against the weight-decay-only path."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from lra.analysis.lag import analyse, decay_only_tau, initial_model, row_sharpness, tau_history
+from lra.analysis.maps import example_from, load_run
+from lra.build import build_model
+from tests.helpers import compose_config
+
+
+def _saved_run(tmp_path: Path, attention: str, data_dir: Path, seed: int = 3) -> Path:
+    """A run directory as train.py lays it out, whose checkpoint holds the weights train.py starts from."""
+    overrides = [
+        "task=listops",
+        f"attention={attention}",
+        f"task.data_dir={data_dir}",
+        "data.seq_len=32",
+        f"paths.data_dir={tmp_path / 'cache'}",
+        f"seed={seed}",
+        "model.n_layers=1",
+        "model.d_model=16",
+        "model.num_heads=2",
+        "model.qkv_dim=16",
+        "model.mlp_dim=16",
+        "optim.weight_decay=0.1",
+        "scheduler.name=cosine",
+        "scheduler.warmup_steps=2",
+        "trainer.max_steps=20",
+    ]
+    cfg = compose_config(overrides)
+    run_dir = tmp_path / attention
+    (run_dir / "checkpoints").mkdir(parents=True)
+    keys = ("task", "data", "model", "attention", "optim", "scheduler")
+    resolved = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in keys}
+    resolved.update(seed=seed, trainer={"max_steps": 20})
+    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
+    datamodule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    L.seed_everything(seed, verbose=False)
+    model = build_model(cfg.model, instantiate(cfg.attention), datamodule)
+    torch.save(
+        {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
+        run_dir / "checkpoints" / "last.ckpt",
+    )
+    return run_dir
+
+
+@pytest.fixture
+def listops_dir(tmp_path: Path) -> Path:
+    from data.listops import generate_listops, write_listops_tsv
+
+    data_dir = tmp_path / "listops"
+    data_dir.mkdir()
+    examples = generate_listops(24, seed=1, min_length=10, max_length=30)
+    for split, rows in {"train": examples[:16], "val": examples[16:20], "test": examples[20:]}.items():
+        write_listops_tsv(data_dir / f"basic_{split}.tsv", rows)
+    return data_dir
+
+
+def test_initial_model_is_the_one_train_py_starts_from(tmp_path, listops_dir):
+    run_dir = _saved_run(tmp_path, "taylorshift", listops_dir)
+    loaded, datamodule = load_run(run_dir)
+    rebuilt = initial_model(run_dir, datamodule)
+    for (name, saved), (_, again) in zip(
+        loaded.model.state_dict().items(), rebuilt.state_dict().items(), strict=True
+    ):
+        assert torch.equal(saved, again), name
+
+
+def test_sharpness_is_one_for_uniform_rows(tmp_path, listops_dir):
+    run_dir = _saved_run(tmp_path, "softmax", listops_dir)
+    loaded, datamodule = load_run(run_dir)
+    examples = [example_from(datamodule, "val", index) for index in range(2)]
+    with torch.no_grad():
+        for module in loaded.model.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.zero_()  # q = k = 0: every row uniform over the real keys
+    uniform = row_sharpness(loaded.model, examples)
+    assert all(
+        math.isclose(s.entropy, 1.0, rel_tol=1e-6) and math.isclose(s.peak, 1.0, rel_tol=1e-6)
+        for s in uniform
+    )
+
+
+def test_report_and_tau_against_weight_decay(tmp_path, listops_dir):
+    runs = [_saved_run(tmp_path, name, listops_dir) for name in ("softmax", "taylorshift")]
+    config = OmegaConf.load(runs[1] / "config_resolved.yaml")
+    decayed = decay_only_tau(config, 1.0, 20)
+    assert decayed[0] == 1.0 and np.all(np.diff(decayed) <= 0) and decayed[-1] < 1.0
+    # A CSV log whose τ follows the decay-only path, as Lightning writes it (steps one before).
+    (runs[1] / "csv").mkdir()
+    lines = ["epoch,step,attention/layer0/tau_0,attention/layer0/tau_1,val/acc"]
+    lines += [f"0,{step - 1},{decayed[step]},{decayed[step]},0.5" for step in (10, 20)]
+    (runs[1] / "csv" / "metrics.csv").write_text("\n".join(lines) + "\n")
+    assert tau_history(runs[1])[(0, 1)] == [(10, decayed[10]), (20, decayed[20])]
+    md, png = analyse(runs, tmp_path / "report" / "lag", num_examples=2)
+    text = md.read_text()
+    assert png.is_file() and "| softmax | softmax | 0 | 1 |" in text
+    assert f"| taylorshift | 0 | 0 | 1.000 | {decayed[20]:.3f} | {decayed[20]:.3f} |" in text
