@@ -19,8 +19,16 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	@touch $@
 
-run: setup ## the main job: TaylorShift on ListOps (CPU profile without a GPU)
-	$(PY) train.py attention=taylorshift task=listops $(ARGS)
+# The main job is the comparison the harness exists for: TaylorShift and the softmax baseline on ListOps at one
+# recipe (a two-job Hydra multirun), then both side by side beside the chance and majority-class rates.
+# Without CUDA both train the CPU profile's ListOps recipe for RUN_CPU_STEPS steps each (the committed grid
+# trains 1200), so the pair fits in about 10 minutes on 2 cores; on a GPU, the official recipe.
+RUN_CPU_STEPS ?= 600
+RUN_DIR ?= multirun/run/$(shell date +%Y-%m-%d_%H-%M-%S)
+run: setup ## the main job: TaylorShift vs softmax on ListOps, printed side by side
+	@steps=$$($(PY) -c "import torch; print('' if torch.cuda.is_available() else 'trainer.max_steps=$(RUN_CPU_STEPS)')"); \
+	$(PY) train.py -m task=listops attention=softmax,taylorshift $$steps hydra.sweep.dir=$(RUN_DIR) $(ARGS) && \
+	$(PY) -m lra.results --runs $(RUN_DIR) --compare
 
 train: setup ## train with Hydra overrides: make train ARGS="attention=performer task=image"
 	$(PY) train.py $(ARGS)
@@ -42,11 +50,20 @@ format: setup ## ruff format and autofix
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: setup ## efficiency benchmark: time and memory against sequence length
+bench: setup ## efficiency benchmark into outputs/bench/ (ARGS="output_dir=results/efficiency": the committed one)
 	$(PY) -m lra.bench $(ARGS)
 
+# Every GPU-only path in one prepared command of ~8 minutes on one CUDA GPU (lra/gpu_check.py, issue 18):
+# results/gpu/<device>/. DRY_RUN=1 runs the same code on a CPU at tiny sizes into outputs/gpu-check-dry/.
+# No setup: the GPU machine has no .venv, so the image's python3 runs it and installs the wheels carried in
+# .whl/ (fetched here with ../shared/tools/device-wheels.sh) when hydra, omegaconf or wandb are missing.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+.PHONY: gpu-check
+gpu-check: ## GPU-only paths in ~8 min into results/gpu/ (DRY_RUN=1: CPU, tiny sizes)
+	$(GPU_CHECK_PYTHON) -m lra.gpu_check $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run) $(ARGS)
+
 results: setup ## rebuild results/lra.md from the committed run summaries
-	$(PY) -m lra.results $(ARGS)
+	$(PY) -m lra.results --out results $(ARGS)
 
 # The reduced-recipe table for a machine without a GPU: every attention on the tasks whose data is at hand.
 # One process per run, one after another, so that no run's peak memory or thread pools carry over into the
