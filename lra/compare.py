@@ -74,6 +74,28 @@ def _rows(runs: list[tuple[Run, dict[str, Any]]]) -> list[tuple[str, ...]]:
     return rows
 
 
+# Within this many points of the majority-class rate, a model has most likely learned to predict one class.
+NOT_LEARNING_MARGIN = 0.01
+
+
+def _verdicts(group: list[tuple[Run, dict[str, Any]]], majority: float | None) -> list[str]:
+    """One line per attention whose mean test accuracy is no better than always answering the majority
+    class, so a lagging attention is said in words, not left to the reader to spot in the table."""
+    if majority is None:
+        return []
+    by_attention: dict[str, list[float]] = defaultdict(list)
+    for run, _ in group:
+        if run.completed and run.test_acc is not None:
+            by_attention[run.attention].append(run.test_acc)
+    return [
+        f"note: {attention} is at the majority-class rate ({100 * statistics.fmean(accs):.2f}% test): it has "
+        "not learned this task at this recipe and budget (results/analyses.md explains why TaylorShift lags "
+        "on ListOps)"
+        for attention, accs in by_attention.items()
+        if statistics.fmean(accs) <= majority + NOT_LEARNING_MARGIN
+    ]
+
+
 HEADER = (
     "attention",
     "seeds",
@@ -111,7 +133,9 @@ def render_comparison(runs: list[tuple[Run, dict[str, Any]]]) -> str:
         majority, origin = majority_rate(task, data)
         if majority is not None:
             rates.append(f"majority class {100 * majority:.2f}% ({origin})")
-        lines += ["  ".join(["rates:", *rates]) if rates else "rates: unknown for this task", ""]
+        lines += ["  ".join(["rates:", *rates]) if rates else "rates: unknown for this task"]
+        lines += _verdicts(group, majority)
+        lines += [""]
     return "\n".join(lines)
 
 

@@ -594,6 +594,8 @@ CELL_HEADER = (
 )
 
 
+# A hand-written reading of the tables, kept beside them and copied into lra.md's header.
+READING_FILE = "reading.md"
 LRA_MD_HEADER = """\
 # LRA results
 
@@ -617,10 +619,18 @@ How every number was produced (command, commit, device, recipe): [README.md](REA
 
 
 def render_markdown(
-    report: Report, figures: dict[tuple[str, str], list[tuple[str, str]]] | None = None
+    report: Report,
+    figures: dict[tuple[str, str], list[tuple[str, str]]] | None = None,
+    reading: str | None = None,
 ) -> str:
-    """results/lra.md: one block of tables per (recipe, device); ``figures`` links its learning curves."""
+    """results/lra.md: one block of tables per (recipe, device); ``figures`` links its learning curves.
+
+    ``reading``: the hand-written reading of the tables (``reading.md`` beside the outputs), placed after
+    the header, since what the numbers say cannot be generated from them.
+    """
     lines = [LRA_MD_HEADER]
+    if reading:
+        lines += [reading.strip(), ""]
     if not report.sections:
         lines += [
             "No runs found under: " + ", ".join(f"`{root}`" for root in report.roots) + ". Produce some with "
@@ -963,8 +973,9 @@ def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[t
 def write_outputs(report: Report, out_dir: Path) -> list[Path]:
     """Write the learning curves, then lra.md, lra.csv, lra.json and README.md into ``out_dir``."""
     figures = write_figures(report, out_dir)
+    reading = out_dir / READING_FILE
     outputs = {
-        "lra.md": render_markdown(report, figures),
+        "lra.md": render_markdown(report, figures, reading.read_text() if reading.is_file() else None),
         "lra.csv": render_csv(report),
         "lra.json": render_json(report),
         "README.md": render_readme(report),

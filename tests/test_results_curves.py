@@ -184,6 +184,9 @@ def test_compare_prints_both_attentions_beside_the_rates(repo, tmp_path, capsys)
     assert taylorshift.split()[3:8] == ["15.00", "15.00", "2.3", "260", "1.10"]
     assert "chance (1/10 classes) 10.00%" in printed
     assert "majority class 17.00% (approximate" in printed
+    # TaylorShift's 15% is below the 17% majority rate, softmax's 26.8% well above it: only one is named.
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 1 and notes[0].startswith("note: taylorshift is at the majority-class rate")
 
 
 def test_compare_uses_recorded_class_counts_and_averages_seeds(repo, tmp_path, capsys):
@@ -202,3 +205,10 @@ def test_compare_uses_recorded_class_counts_and_averages_seeds(repo, tmp_path, c
 def test_compare_rejects_writing_options(tmp_path):
     with pytest.raises(SystemExit):
         results.main(["--runs", str(tmp_path), "--compare", "--out", str(tmp_path / "out")])
+
+
+def test_the_hand_written_reading_heads_lra_md():
+    report = results.Report(sections=[], runs=[], superseded=[], problems=[], roots=["results/runs"])
+    text = results.render_markdown(report, None, "## Reading\n\nSoftmax learns; TaylorShift does not.\n")
+    assert text.index(results.LRA_MD_HEADER) < text.index("## Reading") < text.index("No runs found")
+    assert "## Reading" not in results.render_markdown(report)

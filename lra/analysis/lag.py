@@ -13,7 +13,7 @@ For each ``train.py`` run directory (``config_resolved.yaml``, ``checkpoints/las
   beside the path τ would follow under AdamW's decoupled weight decay alone,
   τ_t = τ_0 · Π_{s<t} (1 − lr_s · wd): where the two coincide, the loss moved τ no more than weight decay did.
 
-Writes ``<out>.md`` (tables) and ``<out>.png`` (τ against step, and the sharpness bars).
+Writes ``<out>.md`` (tables) and ``<out>.png`` (τ against step, and N·max per head at init and end).
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
         "| run | layer | head | τ at start | τ at end | τ by weight decay alone |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    figure, (tau_axis, bar_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    figure, (tau_axis, bar_axis) = plt.subplots(1, 2, figsize=(14, 4.5))
     bars: list[tuple[str, float, float]] = []
     datamodule = None
     for run_dir in run_dirs:
@@ -140,13 +140,8 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
                 f"| {run_dir.name} | {loaded.name} | {first.layer} | {first.head} | {first.entropy:.3f} | "
                 f"{last.entropy:.3f} | {first.peak:.1f} | {last.peak:.1f} |"
             )
-        bars.append(
-            (
-                loaded.name,
-                float(np.mean([s.entropy for s in start])),
-                float(np.mean([s.entropy for s in end])),
-            )
-        )
+        for first, last in zip(start, end, strict=True):
+            bars.append((f"{loaded.name}\nL{first.layer}h{first.head}", first.peak, last.peak))
         history = tau_history(run_dir)
         if history:
             steps = max(step for points in history.values() for step, _ in points)
@@ -168,12 +163,12 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
     tau_axis.set(xlabel="training step", ylabel="τ", title="TaylorShift temperature per head")
     if tau_axis.lines:
         tau_axis.legend(fontsize=6, ncol=2)
-    labels = [label for label, _, _ in bars]
     positions = np.arange(len(bars))
     bar_axis.bar(positions - 0.2, [b[1] for b in bars], 0.4, label="initialisation")
     bar_axis.bar(positions + 0.2, [b[2] for b in bars], 0.4, label="end of training")
-    bar_axis.set_xticks(positions, labels)
-    bar_axis.set(ylabel="row entropy / log N (1 = uniform)", ylim=(0, 1.05), title="Attention-row entropy")
+    bar_axis.set_xticks(positions, [label for label, _, _ in bars], fontsize=6)
+    bar_axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    bar_axis.set(ylabel="largest weight × N (1 = uniform row)", title="How peaked the rows are, per head")
     bar_axis.legend()
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
