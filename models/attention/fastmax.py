@@ -20,11 +20,9 @@ from models.attention.base import Attention, accumulation_dtype, count_real, req
 from models.attention.polynomial import (
     IMPLS,
     Coefficients,
-    augmented_values,
+    normalized_poly_attention,
     quadratic_features,
-    run_poly_kernel,
     select_impl,
-    split_ratio,
 )
 
 NORMALIZATIONS = ("maxnorm", "running_maxnorm", "scaled", "none")
@@ -158,17 +156,25 @@ def _fastmax(
     acc = accumulation_dtype(q.dtype)
     q_norm, k_norm = _normalize_qk(q.to(acc), k.to(acc), mask, opts)
     n_real = count_real(mask, q.shape[0], q.shape[2], q.device, acc)
-    # 1/N_v keeps the sums O(1) in low precision and cancels in the ratio.
-    v_aug = augmented_values(v.to(acc), torch.ones_like(n_real), n_real, mask)
     features: list[Tensor] = []  # q⊗q, k⊗k with dropout applied
     if opts.dropout_mode == "feature" and dropout > 0 and opts.order == 1:
         q_norm, k_norm = F.dropout(q_norm, p=dropout), F.dropout(k_norm, p=dropout)
     elif opts.dropout_mode == "feature" and dropout > 0:
         # Numerator and denominator read the same dropped features, so rows still sum to 1.
         features = [F.dropout(quadratic_features(x), p=dropout) for x in (q_norm, k_norm)]
-    coefficients = opts.coefficients
-    out = split_ratio(
-        run_poly_kernel(impl, q_norm, k_norm, v_aug, coefficients, opts.causal, q.dtype, *features)
+    # V' = [1, V]/N_v: 1/N_v keeps the sums O(1) in low precision and cancels in the ratio.
+    out = normalized_poly_attention(
+        impl,
+        q_norm,
+        k_norm,
+        v.to(acc),
+        torch.ones_like(n_real),
+        n_real,
+        mask,
+        opts.coefficients,
+        opts.causal,
+        q.dtype,
+        *features,
     )
     if opts.dropout_mode == "output_noise" and dropout > 0:
         out = out * (1 + dropout * torch.randn_like(out))

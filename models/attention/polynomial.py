@@ -28,9 +28,15 @@ from models.attention.base import accumulation_dtype, zero_pads
 IMPLS = ("auto", "torch", "triton")
 _TRITON_MODULE = "models.attention.kernels.poly_triton"
 _TRITON_FUNCTION = "poly_kernel_attention_triton"
-# Elements of an [N, d²] feature block held at once by the non-causal path (256 MB in fp32), so that forward
-# and backward never hold both full N×d² tensors (tobna/TaylorShift stores both: 4.2 GB at N = 16k, d = 64).
-_FEATURE_BLOCK_ELEMENTS = 1 << 26
+# Elements of a quadratic-feature block held at once by the non-causal path: 1 MB in fp32, far below the full
+# N×d² tensors (tobna/TaylorShift stores both: 4.2 GB at N = 16k, d = 64). A block that small stays in a
+# core's L2 cache between the multiply that builds it and the matmul that reads it, and in malloc's reused
+# heap: whole-tensor temporaries of tens of MB are served by fresh mmap pages on every call (glibc's mmap
+# threshold is at most 32 MB), whose page faults made the time grow faster than N (4.5x from 8k to 16k
+# tokens at d = 16). Measured on a 2 MB-L2 Xeon in fp32: 2^18 beat 2^16-2^17 by 15-30% and 2^19-2^20 by 15%
+# at d = 16, N = 513.
+_FEATURE_BLOCK_ELEMENTS = 1 << 18
+_MIN_BLOCK_ROWS = 256
 # (a, b, c) of f(s) = c + b·s + a·s².
 Coefficients = tuple[float, float, float]
 # Σ v, Σ k vᵀ (None when b = 0), Σ (k⊗k) vᵀ (None when a = 0).
@@ -127,75 +133,211 @@ def poly_readout(
     return out
 
 
-def _row_blocks(shape: torch.Size, features: int) -> list[slice]:
-    """Slices over N such that a ``[B, H, rows, features]`` block stays under the element budget."""
+def _row_blocks(shape: torch.Size, features: int, min_rows: int = 1) -> list[slice]:
+    """Slices over N such that a ``[B, H, rows, features]`` block stays under the element budget (or holds
+    ``min_rows`` rows, whichever is more)."""
     batch_heads, seq_len = shape[0] * shape[1], shape[2]
-    rows = max(1, _FEATURE_BLOCK_ELEMENTS // max(1, batch_heads * features))
+    rows = max(1, min_rows, _FEATURE_BLOCK_ELEMENTS // max(1, batch_heads * features))
     return [slice(start, min(start + rows, seq_len)) for start in range(0, seq_len, rows)]
 
 
-class _PolyKernel(torch.autograd.Function):
-    """Non-causal factorised polynomial attention whose backward recomputes the quadratic features.
+def _blocks(batch_heads: int, seq_len: int, width: int) -> list[tuple[slice, slice]]:
+    """(heads, rows) slices of a ``[B·H, N, *]`` tensor whose ``[heads, rows, width]`` feature block stays
+    under the element budget.
 
-    Saved for backward: q, k, v and the states S1 (d×e), S2 (d²×e); never an N×d² tensor.
+    Whole heads are grouped while one head fits, otherwise one head is cut into row chunks of at least
+    ``_MIN_BLOCK_ROWS`` rows (fewer rows make the state products, which contract over them, inefficient at
+    large d, where the d×d·e state is re-read per block). Either way the
+    slice of a contiguous ``[B·H, N, *]`` tensor is itself contiguous, so every block is one bmm that writes
+    its output in place (a strided block makes CPU ``baddbmm_`` fall back to one addmm per matrix).
+    """
+    per_head = seq_len * width
+    if per_head <= _FEATURE_BLOCK_ELEMENTS:
+        heads = max(1, _FEATURE_BLOCK_ELEMENTS // per_head)
+        return [
+            (slice(g, min(g + heads, batch_heads)), slice(0, seq_len)) for g in range(0, batch_heads, heads)
+        ]
+    rows = _row_blocks(torch.Size((1, 1, seq_len)), width, _MIN_BLOCK_ROWS)
+    return [(slice(g, g + 1), row_slice) for g in range(batch_heads) for row_slice in rows]
+
+
+def _feature_blocks(q: Tensor, value_width: int) -> tuple[list[tuple[slice, slice]], Tensor]:
+    """The blocks of ``_blocks`` for q ``[G, N, d]``'s feature blocks (q⊠q, k⊠v', ...: up to d·max(d, e)
+    wide), and one flat workspace that holds the largest of them.
+
+    Every feature block of a pass is written into the workspace: a fresh tensor per block would cost an
+    allocation and first-touch page faults each time (a third of the time of the multiply that fills it).
+    """
+    batch_heads, seq_len, d = q.shape
+    width = d * max(d, value_width)
+    blocks = _blocks(batch_heads, seq_len, width)
+    largest = max((h.stop - h.start) * (r.stop - r.start) for h, r in blocks)
+    return blocks, q.new_empty(largest * width)
+
+
+def _outer_rows(x: Tensor, y: Tensor, workspace: Tensor) -> Tensor:
+    """Row-wise vec(x yᵀ): ``[G, R, m]``, ``[G, R, n] -> [G, R, m·n]``, written into ``workspace``."""
+    out = workspace[: x.numel() * y.shape[-1]].view(*x.shape, y.shape[-1])
+    return torch.mul(x.unsqueeze(-1), y.unsqueeze(-2), out=out).flatten(-2)
+
+
+# The non-causal torch path, written out by hand (``_poly_forward``/``_poly_backward``) so that it never
+# stores an N×d² tensor and runs every quadratic product as one matmul with a wide contraction. Heads are
+# folded into one batch axis G = B·H and every tensor is a contiguous ``[G, N, *]``. The quadratic state is
+# kept as S2r ``[G, d, d·e]`` with S2r[m, (n, e)] = Σ_j k_jm k_jn v_je, which is S2 = Σ_j (k_j⊗k_j) v_jᵀ
+# ``[G, d², e]`` under a free view and is symmetric in (m, n). With ⊠ the row-wise outer product:
+#   S2r = Kᵀ (K⊠V')  and  dS2r = a·Qᵀ (Q⊠dY)         (contraction over tokens);
+#   dQ = 2a·(Q⊠dY) S2rᵀ  and  dK = 2·(K⊠V') dS2rᵀ     (contraction over d·e: d/dx Σ_mn G_mn x_m x_n = 2Gx
+#                                                        for a symmetric G, so no d×d gradient is contracted
+#                                                        token by token);
+#   Y = a·(Q⊠Q) S2  and  dV' = (K⊠K) dS2              (contraction over d²).
+# Feature blocks (``_blocks``) stay in cache and are rebuilt in backward instead of saved: a rebuild costs one
+# multiply per element, while reading a saved N×d² tensor back costs a trip to memory.
+PolySaved = tuple[Tensor | None, Tensor | None]  # S1 [G, d, e] (None when b = 0), S2r (None when a = 0)
+
+
+def _poly_forward(q: Tensor, k: Tensor, v: Tensor, coefficients: Coefficients) -> tuple[Tensor, PolySaved]:
+    """c·Σv + b·q·(Kᵀ V) + a·(q⊗q)·S2 for contiguous ``[G, N, *]`` inputs: ``[G, N, e]`` and the states."""
+    (a, b, c), (batch_heads, seq_len, d), value_width = coefficients, q.shape, v.shape[-1]
+    s0 = v.sum(dim=1, keepdim=True)  # [G, 1, e]
+    s1 = torch.bmm(k.transpose(1, 2), v) if b != 0 else None  # [G, d, e]
+    if s1 is None:
+        out = (c * s0).expand(batch_heads, seq_len, value_width).contiguous()
+    else:
+        out = torch.baddbmm(s0, q, s1, beta=c, alpha=b)  # c·S0 + b·q·S1
+    s2r = None
+    if a != 0:
+        s2r = q.new_zeros(batch_heads, d, d * value_width)
+        blocks, workspace = _feature_blocks(q, value_width)
+        for heads, rows in blocks:
+            k_block = k[heads, rows]
+            s2r[heads].baddbmm_(k_block.transpose(1, 2), _outer_rows(k_block, v[heads, rows], workspace))
+        s2 = s2r.view(batch_heads, d * d, value_width)
+        for heads, rows in blocks:
+            q_block = q[heads, rows]
+            out[heads, rows].baddbmm_(_outer_rows(q_block, q_block, workspace), s2[heads], alpha=a)
+    return out, (s1, s2r)
+
+
+def _poly_backward(
+    q: Tensor, k: Tensor, v: Tensor, saved: PolySaved, grad: Tensor, coefficients: Coefficients
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients w.r.t. q, k, v of ``_poly_forward``, for the contiguous output gradient ``[G, N, e]``."""
+    (a, b, c), (s1, s2r) = coefficients, saved
+    (batch_heads, seq_len, d), value_width = q.shape, v.shape[-1]
+    # The constant term gives every key the same value gradient c·Σ_i dY_i.
+    grad_sum = grad.sum(dim=1, keepdim=True)
+    if s1 is not None:
+        ds1 = torch.bmm(q.transpose(1, 2), grad)  # [G, d, e], without the factor b
+        dq = torch.bmm(grad, s1.transpose(1, 2)).mul_(b)
+        dk = torch.bmm(v, ds1.transpose(1, 2)).mul_(b)
+        dv = torch.baddbmm(grad_sum, k, ds1, beta=c, alpha=b)
+    else:
+        dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+        dv = (c * grad_sum).expand(batch_heads, seq_len, value_width).contiguous()
+    if s2r is not None:
+        ds2r = torch.zeros_like(s2r)
+        s2r_t = s2r.transpose(1, 2)  # [G, d·e, d]
+        blocks, workspace = _feature_blocks(q, value_width)
+        for heads, rows in blocks:
+            q_block = q[heads, rows]
+            q_grad = _outer_rows(q_block, grad[heads, rows], workspace)  # Q⊠dY
+            ds2r[heads].baddbmm_(q_block.transpose(1, 2), q_grad)
+            dq[heads, rows].baddbmm_(q_grad, s2r_t[heads], alpha=2 * a)
+        ds2r.mul_(a)
+        ds2r_t, ds2 = ds2r.transpose(1, 2), ds2r.view(batch_heads, d * d, value_width)
+        for heads, rows in blocks:
+            k_block = k[heads, rows]
+            k_value = _outer_rows(k_block, v[heads, rows], workspace)
+            dk[heads, rows].baddbmm_(k_value, ds2r_t[heads], alpha=2)
+            # K⊠K goes into the workspace as well, after the last use of K⊠V' (d² <= d·e elements per row).
+            dv[heads, rows].baddbmm_(_outer_rows(k_block, k_block, workspace), ds2[heads])
+    return dq, dk, dv
+
+
+def _fold_heads(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``[B, H, N, *]`` -> contiguous ``[B·H, N, *]``."""
+    return tuple(t.reshape(-1, *t.shape[2:]).contiguous() for t in tensors)
+
+
+class _PolyKernel(torch.autograd.Function):
+    """Non-causal factorised polynomial attention, ``[B, H, N, *]`` in and out (see ``_poly_forward``).
+
+    Saved for backward: q, k, v and the states S1 (d×e), S2r (d×d·e); never an N×d² tensor.
     """
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, a: float, b: float, c: float) -> Tensor:  # noqa: ANN001
-        d = q.shape[-1]
-        blocks = _row_blocks(q.shape, d * d)
-        s0 = v.sum(dim=-2, keepdim=True)  # [B, H, 1, e]
-        out = (c * s0).expand(*q.shape[:-1], v.shape[-1]).clone()
-        s1 = s2 = None
-        if b != 0:
-            s1 = k.transpose(-1, -2) @ v  # [B, H, d, e]
-            out.add_(q @ s1, alpha=b)
-        if a != 0:
-            s2 = sum(
-                quadratic_features(k[..., rows, :]).transpose(-1, -2) @ v[..., rows, :] for rows in blocks
-            )  # [B, H, d², e]
-            for rows in blocks:
-                out[..., rows, :].add_(quadratic_features(q[..., rows, :]) @ s2, alpha=a)
-        ctx.save_for_backward(q, k, v, s1, s2)
-        ctx.coefficients = (a, b, c)
-        return out
+        shape = q.shape
+        q, k, v = _fold_heads(q, k, v)
+        out, (s1, s2r) = _poly_forward(q, k, v, (a, b, c))
+        ctx.save_for_backward(q, k, v, s1, s2r)
+        ctx.coefficients, ctx.input_shape = (a, b, c), shape
+        return out.view(*shape[:-1], out.shape[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        q, k, v, s1, s2 = ctx.saved_tensors
-        a, b, c = ctx.coefficients
-        d = q.shape[-1]
-        grad_out = grad_out.contiguous()
-        dq = torch.zeros_like(q)
-        dk = torch.zeros_like(k)
-        # The constant term gives every key the same value gradient c·Σ_i dout_i.
-        dv = (c * grad_out.sum(dim=-2, keepdim=True)).expand_as(v).clone()
-        if s1 is not None:
-            ds1 = b * (q.transpose(-1, -2) @ grad_out)  # [B, H, d, e]
-            dq.add_(grad_out @ s1.transpose(-1, -2), alpha=b)
-            dk.add_(v @ ds1.transpose(-1, -2))
-            dv.add_(k @ ds1)
-        if s2 is not None:
-            blocks = _row_blocks(q.shape, d * d)
-            ds2 = a * sum(
-                quadratic_features(q[..., rows, :]).transpose(-1, -2) @ grad_out[..., rows, :]
-                for rows in blocks
-            )  # [B, H, d², e]
-            for rows in blocks:
-                q_rows, k_rows = q[..., rows, :], k[..., rows, :]
-                dv[..., rows, :].add_(quadratic_features(k_rows) @ ds2)
-                # d(x⊗x)/dx contracts a d×d gradient G into (G + Gᵀ)·x.
-                grad_q_quad = (grad_out[..., rows, :] @ s2.transpose(-1, -2)).unflatten(-1, (d, d))
-                grad_k_quad = (v[..., rows, :] @ ds2.transpose(-1, -2)).unflatten(-1, (d, d))
-                dq[..., rows, :].add_(_contract_outer_grad(grad_q_quad, q_rows), alpha=a)
-                dk[..., rows, :].add_(_contract_outer_grad(grad_k_quad, k_rows))
-        return dq, dk, dv, None, None, None
+        q, k, v, s1, s2r = ctx.saved_tensors
+        (grad,) = _fold_heads(grad_out)
+        dq, dk, dv = _poly_backward(q, k, v, (s1, s2r), grad, ctx.coefficients)
+        shape = ctx.input_shape
+        return dq.view(shape), dk.view(shape), dv.view(*shape[:-1], dv.shape[-1]), None, None, None
 
 
-def _contract_outer_grad(grad: Tensor, x: Tensor) -> Tensor:
-    """Gradient of Σ_mn G_mn x_m x_n w.r.t. x: (G + Gᵀ)·x, for G ``[..., N, d, d]`` and x ``[..., N, d]``."""
-    return (grad @ x.unsqueeze(-1) + grad.transpose(-1, -2) @ x.unsqueeze(-1)).squeeze(-1)
+class _PolyRatio(torch.autograd.Function):
+    """``split_ratio(poly_kernel(q, k, augmented_values(v, first, divisor, mask)))``, non-causal, as one
+    autograd node: building V', the kernel and the ratio run without recording a graph, and the backward
+    chains their gradients by hand. ``first`` and ``divisor`` are mask statistics and get no gradient.
+
+    The ratio's gradient at row i: dnum = dY/den, dden = -Σ_e dY·Y/den (0 where the denominator was 0 and
+    replaced by 1, as ``split_ratio`` does).
+    """
+
+    @staticmethod
+    def forward(  # noqa: ANN001
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        first: Tensor,
+        divisor: Tensor | None,
+        mask: Tensor | None,
+        a: float,
+        b: float,
+        c: float,
+    ) -> Tensor:
+        shape = v.shape
+        with torch.no_grad():
+            v_aug = augmented_values(v, first, divisor, mask)
+        q, k, v_aug = _fold_heads(q, k, v_aug)
+        out_aug, (s1, s2r) = _poly_forward(q, k, v_aug, (a, b, c))
+        denominator = out_aug[..., :1]
+        nonzero = denominator != 0
+        denominator = torch.where(nonzero, denominator, torch.ones_like(denominator))
+        out = out_aug[..., 1:] / denominator
+        ctx.save_for_backward(q, k, v_aug, s1, s2r, out, denominator, nonzero, divisor, mask)
+        ctx.coefficients, ctx.output_shape = (a, b, c), shape
+        return out.view(shape)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        q, k, v_aug, s1, s2r, out, denominator, nonzero, divisor, mask = ctx.saved_tensors
+        shape = ctx.output_shape
+        (grad,) = _fold_heads(grad_out)
+        grad_aug = torch.empty_like(v_aug)
+        torch.div(grad, denominator, out=grad_aug[..., 1:])
+        grad_den = (grad_aug[..., 1:] * out).sum(dim=-1, keepdim=True).neg_()
+        grad_aug[..., :1] = torch.where(nonzero, grad_den, grad_den.new_zeros(()))
+        dq, dk, dv_aug = _poly_backward(q, k, v_aug, (s1, s2r), grad_aug, ctx.coefficients)
+        # V' = [first, v]/divisor with zero rows at pads: chain through the copy, the division, the select.
+        dv = dv_aug[..., 1:].unflatten(0, shape[:2])
+        dv = dv / divisor if divisor is not None else dv.contiguous()
+        if mask is not None:
+            dv = torch.where(mask[:, None, :, None], dv, dv.new_zeros(()))
+        qk_shape = (*shape[:-1], q.shape[-1])
+        return dq.view(qk_shape), dk.view(qk_shape), dv, None, None, None, None, None, None
 
 
 def _causal_chunk_size(seq_len: int, features: int, value_width: int) -> int:
@@ -363,3 +505,32 @@ def split_ratio(out_aug: Tensor) -> Tensor:
     sees no real key, zeroed by the caller) divides by 1."""
     denominator = out_aug[..., :1]
     return out_aug[..., 1:] / torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+
+
+def normalized_poly_attention(
+    impl: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    first: Tensor,
+    divisor: Tensor | None,
+    mask: Tensor | None,
+    coefficients: Coefficients,
+    causal: bool,
+    model_dtype: torch.dtype,
+    q_quad: Tensor | None = None,
+    k_quad: Tensor | None = None,
+) -> Tensor:
+    """Σ_j f(q_i·k_j) v_j / Σ_j f(q_i·k_j) over the real keys: ``split_ratio`` of ``run_poly_kernel`` on
+    ``augmented_values(v, first, divisor, mask)``, ``[B, H, N, e]``.
+
+    The non-causal torch path is one autograd node (``_PolyRatio``), which saves the graph of the V'
+    construction and the ratio (about ten full-size elementwise passes per call); the other paths compose
+    the three steps. ``first`` and ``divisor`` are mask statistics without gradient.
+    """
+    fused = impl == "torch" and not causal and q_quad is None and k_quad is None
+    if fused and not first.requires_grad and (divisor is None or not divisor.requires_grad):
+        return _PolyRatio.apply(q, k, v, first, divisor, mask, *coefficients)
+    v_aug = augmented_values(v, first, divisor, mask)
+    out_aug = run_poly_kernel(impl, q, k, v_aug, coefficients, causal, model_dtype, q_quad, k_quad)
+    return split_ratio(out_aug)

@@ -8,8 +8,10 @@ the same function. Outputs are multiplied by √(N_v/d) (N_v = real keys) when `
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,14 +22,18 @@ from models.attention.base import Attention, accumulation_dtype, count_real, req
 from models.attention.polynomial import (
     IMPLS,
     augmented_values,
+    normalized_poly_attention,
     poly_readout,
     poly_states,
-    run_poly_kernel,
     select_impl,
     split_ratio,
 )
 
 MODES = ("direct", "efficient", "auto")
+N0_CHOICES = ("table", "theory")
+# Crossovers N0 measured by ``python -m lra.crossover``: {device kind: {dtype: {head dim: N0}}}. Read once.
+CROSSOVER_TABLE = Path(__file__).with_name("crossover.json")
+_crossover_table: dict[str, Any] | None = None
 _NORM_EPS = 1e-12
 
 
@@ -37,7 +43,9 @@ class TaylorShiftOptions:
 
     Attributes:
         mode: ``direct | efficient | auto``; ``auto`` runs efficient iff N > n0.
-        n0: ``"theory"`` (d² + d + 1, the FLOP break-even) or an int crossover measured for the device.
+        n0: ``"table"`` (the crossover measured for the device kind, dtype and d in
+            ``crossover.json``, by ``python -m lra.crossover``; the theory where it has no entry),
+            ``"theory"`` (d² + d + 1, the FLOP break-even) or an int.
         a, b, c: kernel f(x) = c + b·x + a·x²; a > 0 and c ≥ b²/(4a) keep it positive.
         output_norm: multiply outputs by √(N_v/d), N_v = real keys (per query when causal). Every model of
             the paper uses it; the official module defaults it off.
@@ -56,7 +64,7 @@ class TaylorShiftOptions:
     """
 
     mode: str = "auto"
-    n0: int | str = "theory"
+    n0: int | str = "table"
     a: float = 0.5
     b: float = 1.0
     c: float = 1.0
@@ -69,9 +77,9 @@ class TaylorShiftOptions:
     mask_padding: bool = True
 
     def __post_init__(self) -> None:
-        n0_ok = self.n0 == "theory" or (type(self.n0) is int and self.n0 >= 0)
+        n0_ok = self.n0 in N0_CHOICES or (type(self.n0) is int and self.n0 >= 0)
         require(self.mode in MODES, f"taylorshift: unknown mode {self.mode!r}; choose one of {MODES}")
-        require(n0_ok, f"taylorshift: n0 must be 'theory' or a non-negative int, got {self.n0!r}")
+        require(n0_ok, f"taylorshift: n0 must be one of {N0_CHOICES} or a non-negative int, got {self.n0!r}")
         require(self.impl in IMPLS, f"taylorshift: unknown impl {self.impl!r}; choose one of {IMPLS}")
         require(
             self.impl != "triton" or self.mode != "direct",
@@ -89,13 +97,42 @@ class TaylorShiftOptions:
             f"got a={self.a}, b={self.b}, c={self.c} (defaults a=0.5, b=1, c=1)",
         )
 
-    def mode_at(self, seq_len: int, head_dim: int, dropout: float = 0.0) -> str:
-        """``direct`` or ``efficient``. ``auto`` runs efficient iff N > n0 (``theory``: d² + d + 1), except
-        under causal dropout, which the efficient mode does not have."""
+    def mode_at(
+        self,
+        seq_len: int,
+        head_dim: int,
+        dropout: float = 0.0,
+        device_kind: str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> str:
+        """``direct`` or ``efficient``. ``auto`` runs efficient iff N > n0 (``theory``: d² + d + 1;
+        ``table``: the measured table's entry for the device kind, dtype and d, else the theory), except under
+        causal dropout, which the efficient mode does not have."""
         if self.mode != "auto":
             return self.mode
-        threshold = crossover_n0(head_dim) if self.n0 == "theory" else self.n0
+        if self.n0 == "theory":
+            threshold = crossover_n0(head_dim)
+        elif self.n0 == "table":
+            measured = measured_n0(device_kind, dtype, head_dim)
+            threshold = crossover_n0(head_dim) if measured is None else measured
+        else:
+            threshold = self.n0
         return "efficient" if seq_len > threshold and not (self.causal and dropout > 0) else "direct"
+
+
+def measured_n0(device_kind: str, dtype: torch.dtype, head_dim: int) -> int | None:
+    """The direct/efficient crossover measured for ``device_kind`` (``cpu``, ``cuda``), the input dtype and
+    d, from ``crossover.json`` beside this module; None where the table has no entry."""
+    global _crossover_table
+    if _crossover_table is None:
+        try:
+            _crossover_table = json.loads(CROSSOVER_TABLE.read_text())
+        except FileNotFoundError:
+            _crossover_table = {}
+    entry = (
+        _crossover_table.get(device_kind, {}).get(str(dtype).removeprefix("torch."), {}).get(str(head_dim))
+    )
+    return None if entry is None else int(entry)
 
 
 def crossover_n0(head_dim: int) -> int:
@@ -119,18 +156,27 @@ def _output_scale(mask: Tensor | None, causal: bool, shape: torch.Size, like: Te
 
 
 def _logit_factors(
-    q: Tensor, k: Tensor, tau: Tensor, normalize_input: bool, dtype: torch.dtype
+    q: Tensor, k: Tensor, tau: Tensor, normalize_input: bool, dtype: torch.dtype, scale: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """q̂, k̂ in ``dtype`` with x_ij = q̂_i·k̂_j: τ·cos(q, k) normally, q·k/√d with ``normalize_input=False``.
+    """s·q̂, s·k̂ in ``dtype`` with x_ij = q̂_i·k̂_j: τ·cos(q, k) normally, q·k/√d with
+    ``normalize_input=False``; ``scale`` is s (the efficient mode's d^(1/4)).
 
     Without input normalisation the logits are unbounded, as in the official module's
     ``normalize_input=False`` (which has no τ either); the 1/√d is the usual dot-product scale, which the
     official module applies to q in every mode (as the model width^-1/2).
     """
+    q, k = q.to(dtype), k.to(dtype)
     if not normalize_input:
-        return q.to(dtype) / math.sqrt(q.shape[-1]), k.to(dtype)
-    q_hat = F.normalize(q.to(dtype), dim=-1, eps=_NORM_EPS) * tau.to(dtype).view(1, -1, 1, 1)
-    return q_hat, F.normalize(k.to(dtype), dim=-1, eps=_NORM_EPS)
+        return q * (scale / math.sqrt(q.shape[-1])), k * scale if scale != 1.0 else k
+    # F.normalize, τ and s folded into one per-row factor: a single full-size multiply per tensor, whose
+    # backward is lighter than that of F.normalize's division.
+    q_factor = (scale * tau.to(dtype)).view(1, -1, 1, 1) / _row_norms(q)
+    return q * q_factor, k * (scale / _row_norms(k))
+
+
+def _row_norms(x: Tensor) -> Tensor:
+    """max(‖x_i‖, eps) per row, ``[..., 1]``: F.normalize's denominator."""
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(_NORM_EPS)
 
 
 def _direct(
@@ -169,28 +215,33 @@ def _direct(
 def _efficient(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, opts: TaylorShiftOptions, dropout: float, impl: str
 ) -> Tensor:
-    """Y' = a(Q⊠Q)S2 + b·s²·Q·S1 + c·s⁴·S0 for Q = s·q̂, K = s·k̂ (q, k are q̂, k̂), V' = [α·1, V]/N_v.
+    """Y' = a(Q⊠Q)S2 + b·s²·Q·S1 + c·s⁴·S0 for Q = s·q̂, K = s·k̂ (q, k are Q, K), V' = [α·1, V]/N_v.
 
     Then Y = Y'[:, 1:]/Y'[:, 0]; with s = d^(1/4) every term is d·f(x_ij), α = √(d/N_v) leaves √(N_v/d).
     ``normalize_input=False`` drops the whole scheme, as the official module does: s = 1 and no 1/N_v.
     """
     acc, (batch, _, seq_len, d) = q.dtype, q.shape
-    scale = d**0.25 if opts.normalize_input else 1.0
+    scale = _efficient_scale(d, opts)
     n_real = count_real(mask, batch, seq_len, q.device, acc)  # [B, 1, 1, 1]
     # Under causal masking N_v depends on the query, so α cannot sit in V'; the scale is applied afterwards.
     in_values = opts.output_norm and not opts.causal
     alpha = torch.sqrt(d / n_real) if in_values else torch.ones_like(n_real)
     # 1/N_v keeps the sums O(1): without it fp16 sums overflow beyond ~65k tokens.
-    v_aug = augmented_values(v.to(acc), alpha, n_real if opts.normalize_input else None, mask)
-    q_scaled, k_scaled = q * scale, k * scale
+    divisor = n_real if opts.normalize_input else None
     coefficients = (opts.a, opts.b * scale**2, opts.c * scale**4)
     if dropout > 0:
         # The official efficient dropout acts on S2 = (K⊠K)ᵀV', denominator column included.
-        s0, s1, s2 = poly_states(k_scaled, v_aug, coefficients)
-        out_aug = poly_readout(q_scaled, (s0, s1, F.dropout(s2, p=dropout)), coefficients)
-    else:
-        out_aug = run_poly_kernel(impl, q_scaled, k_scaled, v_aug, coefficients, opts.causal, v.dtype)
-    return split_ratio(out_aug)
+        v_aug = augmented_values(v.to(acc), alpha, divisor, mask)
+        s0, s1, s2 = poly_states(k, v_aug, coefficients)
+        return split_ratio(poly_readout(q, (s0, s1, F.dropout(s2, p=dropout)), coefficients))
+    return normalized_poly_attention(
+        impl, q, k, v.to(acc), alpha, divisor, mask, coefficients, opts.causal, v.dtype
+    )
+
+
+def _efficient_scale(head_dim: int, opts: TaylorShiftOptions) -> float:
+    """s = d^(1/4), balancing the constant, linear and quadratic terms (1 without input normalisation)."""
+    return head_dim**0.25 if opts.normalize_input else 1.0
 
 
 def _taylorshift(
@@ -204,9 +255,10 @@ def _taylorshift(
     dropout: float,
 ) -> tuple[Tensor, str]:
     """The output and the kernel implementation that ran (``torch`` in the direct mode)."""
-    q_hat, k_hat = _logit_factors(q, k, tau, opts.normalize_input, accumulation_dtype(q.dtype))
+    acc = accumulation_dtype(q.dtype)
     impl = "torch"
     if mode == "direct":
+        q_hat, k_hat = _logit_factors(q, k, tau, opts.normalize_input, acc)
         out = _direct(q_hat, k_hat, v, mask, opts, dropout)
     else:
         impl = select_impl(
@@ -214,7 +266,9 @@ def _taylorshift(
         )
         # Under autocast the state matmuls would fall back to bf16/fp16; they must stay in fp32.
         with torch.autocast(q.device.type, enabled=False):
-            out = _efficient(q_hat, k_hat, v, mask, opts, dropout, impl)
+            scale = _efficient_scale(q.shape[-1], opts)
+            q_scaled, k_scaled = _logit_factors(q, k, tau, opts.normalize_input, acc, scale)
+            out = _efficient(q_scaled, k_scaled, v, mask, opts, dropout, impl)
     # The non-causal efficient mode carries √(N_v/d) in V' (as α); the others scale the output.
     if opts.output_norm and (mode == "direct" or opts.causal):
         out = out * _output_scale(mask, opts.causal, v.shape, out)
@@ -254,7 +308,7 @@ def taylorshift_attention(
         ``[B, H, N, d]`` in the input dtype.
     """
     opts = TaylorShiftOptions(**options)
-    mode = opts.mode_at(q.shape[2], q.shape[-1], opts.dropout)
+    mode = opts.mode_at(q.shape[2], q.shape[-1], opts.dropout, q.device.type, q.dtype)
     return _taylorshift(q, k, v, tau, mask, opts, mode, opts.dropout)[0]
 
 
@@ -294,19 +348,24 @@ class TaylorShiftAttention(Attention):
     def key_mask(self, mask: Tensor | None) -> Tensor | None:
         return mask if self.options.mask_padding else None
 
-    def _mode_for(self, seq_len: int, pin: bool = True) -> str:
-        """The mode that runs at ``seq_len``; training with dropout under ``auto`` pins it."""
+    def _mode_for(
+        self, seq_len: int, pin: bool = True, device_kind: str | None = None, dtype: torch.dtype | None = None
+    ) -> str:
+        """The mode that runs at ``seq_len`` on inputs of ``device_kind`` and ``dtype`` (default: those of
+        the module's parameters); training with dropout under ``auto`` pins it."""
         dropout = self.options.dropout if self.training else 0.0
         if self.options.mode == "auto" and dropout > 0 and self.pinned_mode is not None:
             return self.pinned_mode
-        chosen = self.options.mode_at(seq_len, self.head_dim, dropout)
+        device_kind = self.tau.device.type if device_kind is None else device_kind
+        dtype = self.tau.dtype if dtype is None else dtype
+        chosen = self.options.mode_at(seq_len, self.head_dim, dropout, device_kind, dtype)
         if self.options.mode == "auto" and dropout > 0 and pin:
             self.pinned_mode = chosen
         return chosen
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         dropout = self.options.dropout if self.training else 0.0
-        mode = self._mode_for(q.shape[2])
+        mode = self._mode_for(q.shape[2], device_kind=q.device.type, dtype=q.dtype)
         out, self.impl_used = _taylorshift(q, k, v, self.tau, mask, self.options, mode, dropout)
         self.mode_used = mode
         return out

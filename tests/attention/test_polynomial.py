@@ -181,3 +181,79 @@ def test_modules_run_the_triton_kernel_under_the_interpreter():
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_row_chunks_within_a_head_match_ref(monkeypatch):
+    """The non-causal path cut into row chunks inside each head (long sequences) is exact, with gradients."""
+    monkeypatch.setattr(polynomial, "_FEATURE_BLOCK_ELEMENTS", 5 * 3 * 4)
+    monkeypatch.setattr(polynomial, "_MIN_BLOCK_ROWS", 1)
+    q, k, v = _inputs(2, 2, 23, 3, 4, requires_grad=True)
+    blocks = polynomial._blocks(4, 23, 3 * 4)
+    assert len(blocks) == 4 * 5 and all(heads.stop - heads.start == 1 for heads, _ in blocks)
+    grad_out = torch.randn(2, 2, 23, 4, dtype=F64)
+    out = poly_kernel_attention(q, k, v, 0.5, 1.3, 2.0)
+    ref = poly_kernel_attention_ref(q, k, v, 0.5, 1.3, 2.0)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10 * ref.abs().max().item())
+    grads = torch.autograd.grad((out * grad_out).sum(), (q, k, v))
+    refs = torch.autograd.grad((ref * grad_out).sum(), (q, k, v))
+    for grad, expected in zip(grads, refs, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=1e-10 * expected.abs().max().item())
+
+
+def test_blocks_group_whole_heads_and_cover_everything():
+    for batch_heads, seq_len, width in ((64, 513, 16 * 17), (3, 5000, 16 * 17), (7, 40, 9), (2, 1, 4)):
+        blocks = polynomial._blocks(batch_heads, seq_len, width)
+        covered = torch.zeros(batch_heads, seq_len, dtype=torch.int64)
+        for heads, rows in blocks:
+            covered[heads, rows] += 1
+            assert heads.stop - heads.start == 1 or (rows.start, rows.stop) == (0, seq_len)
+        assert bool((covered == 1).all())
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_normalized_fused_path_matches_composition(masked):
+    """The one-node non-causal path (V', kernel, ratio) equals composing the three steps, with gradients."""
+    q, k, v = _inputs(2, 3, 29, 4, 4, requires_grad=True)
+    mask = torch.ones(2, 29, dtype=torch.bool)
+    if masked:
+        mask[0, 20:] = False
+        mask[1, :3] = False
+    first = torch.tensor([0.7, 1.3], dtype=F64).view(2, 1, 1, 1)
+    divisor = mask.sum(dim=1, dtype=F64).view(2, 1, 1, 1)
+    coefficients = (0.5, 1.1, 1.7)
+    mask_arg = mask if masked else None
+    fused = polynomial.normalized_poly_attention(
+        "torch", q, k, v, first, divisor, mask_arg, coefficients, False, F64
+    )
+    v_aug = polynomial.augmented_values(v, first, divisor, mask_arg)
+    composed = polynomial.split_ratio(poly_kernel_attention_ref(q, k, v_aug, *coefficients))
+    torch.testing.assert_close(fused, composed, rtol=0, atol=1e-12)
+    grad_out = torch.randn_like(fused)
+    grads = torch.autograd.grad((fused * grad_out).sum(), (q, k, v))
+    refs = torch.autograd.grad((composed * grad_out).sum(), (q, k, v))
+    for grad, ref in zip(grads, refs, strict=True):
+        torch.testing.assert_close(grad, ref, rtol=0, atol=1e-10 * ref.abs().max().item())
+    # Every batch entry (first, divisor and mask are per entry), one head, 9 tokens.
+    small = [t[:, :1, :9].detach().requires_grad_() for t in (q, k, v)]
+    small_mask = None if mask_arg is None else mask_arg[:, :9]
+    small_divisor = divisor if mask_arg is None else small_mask.sum(dim=1, dtype=F64).view(2, 1, 1, 1)
+    assert gradcheck(
+        lambda q, k, v: polynomial.normalized_poly_attention(
+            "torch", q, k, v, first, small_divisor, small_mask, coefficients, False, F64
+        ),
+        small,
+        fast_mode=True,
+    )
+
+
+def test_zero_denominator_rows_get_zero_output_and_finite_gradients():
+    """A row whose keys are all masked (zero V') divides by 1 and passes no gradient to the denominator."""
+    q, k, v = _inputs(1, 1, 6, 2, 3, requires_grad=True)
+    mask = torch.tensor([[True, True, True, False, False, False]])
+    first = torch.ones(1, 1, 1, 1, dtype=F64)
+    out = polynomial.normalized_poly_attention(
+        "torch", q, k, v, first, None, mask & torch.tensor([[False] * 6]), (0.5, 1.0, 1.0), False, F64
+    )
+    assert bool((out == 0).all())
+    out.sum().backward()
+    assert all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))

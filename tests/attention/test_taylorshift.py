@@ -1,5 +1,6 @@
 """TaylorShift: direct, efficient and auto modes against the N×N definition, and the spec 6 properties."""
 
+import json
 import math
 
 import pytest
@@ -347,3 +348,52 @@ def test_autocast_keeps_fp32_states():
         out = taylorshift_attention(q, k, v, tau, mode="efficient", causal=True)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def test_auto_uses_the_measured_crossover_table(monkeypatch):
+    """n0='table' (the default) switches at the table's N0 for the device kind, dtype and d, else theory."""
+    monkeypatch.setattr(ts, "_crossover_table", {"cpu": {"float32": {"4": 7}}})
+    options = TaylorShiftOptions()
+    assert options.n0 == "table"
+    assert options.mode_at(7, D, device_kind="cpu", dtype=torch.float32) == "direct"
+    assert options.mode_at(8, D, device_kind="cpu", dtype=torch.float32) == "efficient"
+    # No entry for this dtype, device kind or head dim: the FLOP theory d² + d + 1.
+    for kind, dtype, dim in (("cpu", F64, D), ("cuda", torch.float32, D), ("cpu", torch.float32, 8)):
+        theory = crossover_n0(dim)
+        assert options.mode_at(theory, dim, device_kind=kind, dtype=dtype) == "direct"
+        assert options.mode_at(theory + 1, dim, device_kind=kind, dtype=dtype) == "efficient"
+    # An explicit n0 or 'theory' ignores the table.
+    assert TaylorShiftOptions(n0="theory").mode_at(8, D, device_kind="cpu", dtype=torch.float32) == "direct"
+    assert TaylorShiftOptions(n0=3).mode_at(4, D, device_kind="cpu", dtype=torch.float32) == "efficient"
+    # The module asks with its inputs' device and dtype.
+    module = _module()
+    module(*_inputs(1, 2, 8, dtype=torch.float32))
+    assert module.log_values()["mode_used"] == "efficient"
+    module(*_inputs(1, 2, 8))
+    assert module.log_values()["mode_used"] == "direct"
+
+
+def test_committed_crossover_table_is_well_formed():
+    table = json.loads(ts.CROSSOVER_TABLE.read_text())
+    assert table, "models/attention/crossover.json holds no measurement"
+    for kind, by_dtype in table.items():
+        assert kind in ("cpu", "cuda")
+        for dtype_name, by_dim in by_dtype.items():
+            assert isinstance(getattr(torch, dtype_name), torch.dtype)
+            for dim, n0 in by_dim.items():
+                assert int(dim) >= 1 and type(n0) is int and n0 >= 0
+                assert ts.measured_n0(kind, getattr(torch, dtype_name), int(dim)) == n0
+
+
+def test_crossover_script_measures_and_merges(tmp_path):
+    from lra import crossover
+
+    n0 = crossover.measure_n0(2, torch.device("cpu"), torch.float32, batch=1, heads=1, repeats=1, max_len=32)
+    assert n0 is None or 1 <= n0 <= 32
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"cpu": {"float32": {"16": 100, "32": 300}}}))
+    merged = crossover.merge_table(str(path), "cpu", "float32", {32: 250, 64: 900})
+    assert merged == {"cpu": {"float32": {"16": 100, "32": 250, "64": 900}}}
+    assert crossover.merge_table(str(tmp_path / "missing.json"), "cuda", "bfloat16", {64: 5000}) == {
+        "cuda": {"bfloat16": {"64": 5000}}
+    }
