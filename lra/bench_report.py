@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data.cache import atomic_write_text
 from models.attention.taylorshift import crossover_n0, crossover_n1
 
 METRICS = {"fwd_ms": "forward (ms)", "fwd_bwd_ms": "forward + backward (ms)", "peak_mb": "peak memory (MB)"}
@@ -570,7 +571,7 @@ def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
     lines += operator_sections(table)
     lines += problems_section(rows)
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 

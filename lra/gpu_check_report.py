@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from data.cache import atomic_write_text
 from lra.bench_report import (
     OperatorTable,
     _fmt,
@@ -344,7 +345,7 @@ def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
     lines += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots] + [""]
     lines += operator_sections(table) + problems_section(rows)
     path = out_dir / "report.md"
-    path.write_text("\n".join(lines).rstrip() + "\n")
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 
