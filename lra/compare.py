@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lra.curves import MAJORITY_APPROX, NUM_CLASSES
+from lra.curves import MAJORITY_APPROX, NUM_CLASSES, recorded_majority
 from lra.results import ATTENTION_ORDER, LRA_TASKS, Run, _display_path, recipe_label, run_from_summary
 
 
@@ -24,11 +24,9 @@ def majority_rate(task: str, data: dict[str, Any]) -> tuple[float | None, str]:
     Exact when the run's summary recorded ``data.class_counts.test`` (a list or a {label: count} dict);
     otherwise the documented value for the task's official data, labelled approximate.
     """
-    counts = (data.get("class_counts") or {}).get("test")
-    if isinstance(counts, dict):
-        counts = list(counts.values())
-    if counts and sum(counts) > 0:
-        return max(counts) / sum(counts), f"this run's test set ({sum(counts)} examples)"
+    recorded = recorded_majority(data, "test")
+    if recorded is not None:
+        return recorded[0], f"this run's test set ({recorded[1]} examples)"
     if task in MAJORITY_APPROX:
         return MAJORITY_APPROX[task], "approximate: the official test set's, per the spec"
     return None, "unknown"

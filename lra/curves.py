@@ -34,6 +34,15 @@ MAJORITY_APPROX = {
 }
 
 
+def recorded_majority(data: dict[str, Any], split: str) -> tuple[float, int] | None:
+    """(majority-class share, examples) of ``split`` from a summary's ``data.class_counts`` (a list or a
+    {label: count} dict), or None when the run did not record them."""
+    counts = (data.get("class_counts") or {}).get(split)
+    if isinstance(counts, dict):
+        counts = list(counts.values())
+    return (max(counts) / sum(counts), sum(counts)) if counts and sum(counts) > 0 else None
+
+
 def curve_from_metrics(metrics_csv: Path, step_ms: float | None = None) -> pd.DataFrame | None:
     """One row per validation: steps trained, val accuracy, the last train loss and elapsed seconds.
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from data.cache import atomic_write_text
-from lra.curves import CURVE_FILE, read_curve, write_curve
+from lra.curves import CURVE_FILE, read_curve, recorded_majority, write_curve
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Only committed runs by default, so a developer's scratch runs never leak into the published table;
@@ -110,6 +110,9 @@ class Run:
     # When the run finished: summary.json's own `finished_at` when it has one, else the file's mtime. It
     # only chooses between duplicates of one run and is never written out (a clone resets mtimes).
     timestamp: float = 0.0
+    # Majority-class share of the validation examples the run scored (summary's class counts), for the
+    # learning-curve figures; like timestamp, never written out.
+    val_majority: float | None = None
 
     @property
     def completed(self) -> bool:
@@ -319,6 +322,7 @@ def run_from_summary(
         command=_command(task, attention, profile, seed, overrides),
         source=source,
         timestamp=timestamp,
+        val_majority=(recorded_majority(summary.get("data") or {}, "val") or (None,))[0],
     )
 
 
@@ -798,7 +802,7 @@ def render_csv(report: Report) -> str:
 
 def _run_record(run: Run) -> dict[str, Any]:
     # The timestamp is left out: it may be a file time, which a clone or a copy resets.
-    return {key: value for key, value in asdict(run).items() if key != "timestamp"}
+    return {key: value for key, value in asdict(run).items() if key not in ("timestamp", "val_majority")}
 
 
 def render_json(report: Report) -> str:
@@ -932,12 +936,6 @@ def _summary_path(run: Run) -> Path | None:
     return None
 
 
-def _val_class_counts(summary_path: Path) -> list[int] | None:
-    """The class counts of the validation examples a run scored (summary.json's data section), if any."""
-    counts = ((json.loads(summary_path.read_text()).get("data") or {}).get("class_counts") or {}).get("val")
-    return list(counts.values()) if isinstance(counts, dict) else counts
-
-
 def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
     """One learning-curve PNG per (recipe, device, task) under ``out_dir/curves``, from the main config's
     completed runs that have a curve; stale PNGs there are removed. Returns the links per section."""
@@ -954,10 +952,7 @@ def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[t
                 found = [curve for path in paths if path and (curve := read_curve(path.parent)) is not None]
                 if found:
                     curves[cell.attention] = found
-                for path in paths:
-                    val_counts = _val_class_counts(path) if majority is None and path else None
-                    if val_counts:
-                        majority = max(val_counts) / sum(val_counts)
+                majority = next((run.val_majority for run in cell.runs if run.val_majority), majority)
             if not curves:
                 continue
             path = folder / f"{figure_name(section.profile, section.device, task)}.png"
