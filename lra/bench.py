@@ -46,10 +46,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from lra.errors import ConfigError
-from lra.summary import REPO_ROOT, device_name, git_commit, to_jsonable
+from lra.registry import ATTENTION_DIR, attention_factory, registered_attentions
+from lra.summary import device_name, git_commit, to_jsonable
 from models.attention.base import Attention
 
-ATTENTION_DIR = REPO_ROOT / "conf" / "attention"
 # Keys of a variant that steer the benchmark rather than the attention's constructor.
 VARIANT_BENCH_KEYS = ("quadratic", "compile")
 DTYPES = {
@@ -87,17 +87,6 @@ class Variant:
         return self.attention if self.variant == "default" else f"{self.attention} {self.variant}"
 
 
-def registered_attentions(only: list[str] | None = None) -> list[str]:
-    """Names of ``conf/attention/*.yaml``, optionally restricted to ``only`` (unknown names raise)."""
-    names = sorted(path.stem for path in ATTENTION_DIR.glob("*.yaml"))
-    if only is None:
-        return names
-    unknown = sorted(set(only) - set(names))
-    if unknown:
-        raise ConfigError(f"bench.attentions names {unknown}, which are not in {ATTENTION_DIR}: {names}")
-    return [name for name in names if name in only]
-
-
 def variants_from_config(variants_cfg: Any, attentions: list[str]) -> list[Variant]:
     """Expand ``{attention: [overrides, ...]}``; an attention without an entry runs its YAML as it is."""
     spec = (
@@ -117,13 +106,6 @@ def variants_from_config(variants_cfg: Any, attentions: list[str]) -> list[Varia
             bench_keys = {key: bool(entry.pop(key, False)) for key in VARIANT_BENCH_KEYS}
             result.append(Variant(name, entry, **bench_keys))
     return result
-
-
-def attention_factory(variant: Variant, attn_dropout: float = 0.0) -> Callable[..., Attention]:
-    """The YAML's partial with the variant's overrides, under a root that supplies ``model.attn_dropout``."""
-    node = OmegaConf.merge(OmegaConf.load(ATTENTION_DIR / f"{variant.attention}.yaml"), variant.overrides)
-    root = OmegaConf.create({"model": {"attn_dropout": attn_dropout}, "attention": node})
-    return instantiate(root.attention)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -377,7 +359,7 @@ def build_operator(
     """The module in eval mode (same seed for every variant, so random features and projections agree) and
     the callable to time (the module, or its ``torch.compile`` wrapper)."""
     torch.manual_seed(seed)
-    module = attention_factory(variant, attn_dropout)(
+    module = attention_factory(variant.attention, variant.overrides, attn_dropout)(
         num_heads=shape.heads, head_dim=shape.head_dim, max_len=shape.seq_len, causal=shape.causal
     )
     module = module.to(device=device, dtype=dtype).eval()

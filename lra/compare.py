@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from lra.curves import MAJORITY_APPROX, NUM_CLASSES, recorded_majority
-from lra.results import ATTENTION_ORDER, LRA_TASKS, Run, _display_path, recipe_label, run_from_summary
+from lra.registry import attention_rank
+from lra.results import LRA_TASKS, Run, _display_path, recipe_label, run_from_summary
 
 
 def majority_rate(task: str, data: dict[str, Any]) -> tuple[float | None, str]:
@@ -46,7 +47,7 @@ def _rows(runs: list[tuple[Run, dict[str, Any]]]) -> list[tuple[str, ...]]:
         by_attention[(run.attention, run.variant)].append((run, summary))
     ordered = sorted(
         by_attention,
-        key=lambda key: (ATTENTION_ORDER.index(key[0]) if key[0] in ATTENTION_ORDER else 99, key),
+        key=lambda key: (attention_rank(key[0]), key),
     )
     rows = []
     for attention, variant in ordered:

@@ -46,8 +46,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-# Standard library only: importable before ensure_imports has installed the carried wheels.
 from lra.gpu_check_stages import Rows, run_bounded, stage_pytest, stage_train
+
+# Standard library only: importable before ensure_imports has installed the carried wheels.
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("hydra", "omegaconf", "antlr4", "lightning", "torch")

@@ -34,50 +34,17 @@ from typing import Any
 
 from data.cache import atomic_write_text
 from lra.curves import CURVE_FILE, read_curve, recorded_majority, write_curve
+from lra.registry import attention_rank, ordered, published_accuracy, published_source, registered_attentions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Only committed runs by default, so a developer's scratch runs never leak into the published table;
 # pass --runs outputs multirun to include them.
 DEFAULT_RUN_ROOTS = ("results/runs",)
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
-ATTENTION_ORDER = ("softmax", "taylorshift", "fastmax", "performer", "linformer")
 # The LRA average leaves Path-X out (every model in the paper FAILs it); ours follows the paper.
 AVERAGE_EXCLUDES = ("pathx",)
 MISSING = "—"
 NO_STD = "–"
-
-# LRA paper (Tay et al., ICLR 2021, arXiv 2011.04006) Table 1, test accuracy %; None = FAIL.
-# Spec: ../shared/spec/tasks.md 3.1. "Transformer" is our softmax attention.
-PUBLISHED_SOURCE = "LRA paper Table 1"
-PUBLISHED: dict[str, dict[str, float | None]] = {
-    "softmax": {
-        "listops": 36.37,
-        "text": 64.27,
-        "retrieval": 57.46,
-        "image": 42.44,
-        "pathfinder": 71.40,
-        "pathx": None,
-    },
-    "linformer": {
-        "listops": 35.70,
-        "text": 53.94,
-        "retrieval": 52.27,
-        "image": 38.56,
-        "pathfinder": 76.34,
-        "pathx": None,
-    },
-    "performer": {
-        "listops": 18.01,
-        "text": 65.40,
-        "retrieval": 53.82,
-        "image": 42.77,
-        "pathfinder": 77.05,
-        "pathx": None,
-    },
-}
-# TaylorShift (arXiv 2403.02920) and Fastmax (arXiv 2402.07901) tables are not in the spec (tasks.md 3.4);
-# we show that rather than numbers we cannot check.
-NOT_IN_SPEC = ("taylorshift", "fastmax")
 
 # The config nodes that change what is trained; paths, loggers, callbacks and the seed do not.
 RECIPE_NODES = ("model", "data", "optim", "scheduler", "trainer", "eval")
@@ -233,16 +200,6 @@ def recipe_label(profile: str) -> str:
 def short_commit(commit: str) -> str:
     sha, dirty, _ = commit.partition("-dirty")
     return sha[:7] + ("-dirty" if dirty else "")
-
-
-def published_accuracy(attention: str, task: str) -> float | str:
-    """The LRA paper's test accuracy (%) for this pair, or why there is none."""
-    if attention in PUBLISHED:
-        value = PUBLISHED[attention].get(task, "n/a")
-        return "FAIL" if value is None else value
-    if attention in NOT_IN_SPEC:
-        return "n/a (not in spec)"
-    return "n/a"
 
 
 def recipe_variant(config: dict[str, Any] | None) -> str:
@@ -444,12 +401,6 @@ def _order(names: Iterable[str], first: Sequence[str]) -> list[str]:
     return [name for name in first if name in names] + sorted(names - set(first))
 
 
-def registered_attentions() -> list[str]:
-    """The attention registry (conf/attention/*.yaml), softmax (the baseline) first."""
-    names = sorted(path.stem for path in (REPO_ROOT / "conf" / "attention").glob("*.yaml"))
-    return _order(names, ATTENTION_ORDER)
-
-
 def _ratio(value: float | None, baseline: float | None) -> float | None:
     return value / baseline if value is not None and baseline else None
 
@@ -532,9 +483,7 @@ def aggregate(
     """Group runs by (recipe, device) into sections; every (task, attention) of the grid gets a row."""
     kept, superseded = deduplicate(runs)
     tasks = _order(list(tasks or LRA_TASKS) + [run.task for run in kept], LRA_TASKS)
-    attentions = _order(
-        list(attentions or registered_attentions()) + [run.attention for run in kept], ATTENTION_ORDER
-    )
+    attentions = ordered(list(attentions or registered_attentions()) + [run.attention for run in kept])
     by_section: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in kept:
         by_section[(run.profile, run.device)].append(run)
@@ -592,7 +541,7 @@ CELL_HEADER = (
     "steps/s ÷ softmax",
     "peak mem GB",
     "mem ÷ softmax",
-    f"published ({PUBLISHED_SOURCE})",
+    f"published ({published_source()})",
     "Δ vs published",
     "commit",
 )
@@ -617,8 +566,8 @@ How every number was produced (command, commit, device, recipe): [README.md](REA
 - `÷ softmax`: ratio to softmax attention on the same task, recipe, config and device (steps/s: higher is
   faster; memory: lower is smaller). Peak memory is CUDA max-allocated on a GPU and the process peak RSS on
   a CPU (the whole process, not attention alone), counted from the start of training.
-- Published: LRA paper Table 1 (Tay et al., ICLR 2021; Transformer = softmax). TaylorShift and Fastmax paper
-  numbers are not in the project spec (`../shared/spec/tasks.md` 3.4): `n/a (not in spec)`.
+- Published: LRA paper Table 1 (Tay et al., ICLR 2021; Transformer = softmax), from `results/published.yaml`.
+  TaylorShift and Fastmax report their own LRA setups, not Table 1's: `n/a (not in Table 1)`.
 """
 
 
@@ -780,7 +729,7 @@ def cell_record(section: Section, cell: Cell) -> dict[str, Any]:
         "peak_mem_kind": cell.peak_mem_kind,
         "peak_mem_vs_softmax": cell.mem_vs_softmax,
         "published": published,
-        "published_source": PUBLISHED_SOURCE if isinstance(published, float) or published == "FAIL" else "",
+        "published_source": published_source() if isinstance(published, float) or published == "FAIL" else "",
         "delta_vs_published": cell.delta,
         "commits": cell.commits,
         "data_sources": cell.data_sources,
@@ -807,7 +756,7 @@ def _run_record(run: Run) -> dict[str, Any]:
 
 def render_json(report: Report) -> str:
     payload = {
-        "published_source": PUBLISHED_SOURCE,
+        "published_source": published_source(),
         "sections": [
             {
                 "recipe": section.recipe,
@@ -841,7 +790,7 @@ def _listing_order(run: Run) -> tuple:
         run.device,
         _rank(run.task, LRA_TASKS),
         run.task,
-        _rank(run.attention, ATTENTION_ORDER),
+        attention_rank(run.attention),
         run.attention,
         run.seed,
     )
@@ -956,7 +905,9 @@ def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[t
             if not curves:
                 continue
             path = folder / f"{figure_name(section.profile, section.device, task)}.png"
-            plot_task(curves, f"{section.recipe}, {section.device}", task, path, ATTENTION_ORDER, majority)
+            plot_task(
+                curves, f"{section.recipe}, {section.device}", task, path, registered_attentions(), majority
+            )
             written.add(path)
             links.setdefault((section.profile, section.device), []).append((task, f"curves/{path.name}"))
     for stale in sorted(folder.glob("*.png")) if folder.is_dir() else []:

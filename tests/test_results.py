@@ -224,8 +224,8 @@ def test_published_numbers_and_difference():
     assert cell(report, "listops", "performer").published == 18.01
     assert cell(report, "listops", "linformer").published == 35.70
     taylorshift = cell(report, "listops", "taylorshift")
-    assert taylorshift.published == "n/a (not in spec)" and taylorshift.delta is None
-    assert cell(report, "listops", "fastmax").published == "n/a (not in spec)"
+    assert taylorshift.published == "n/a (not in Table 1)" and taylorshift.delta is None
+    assert cell(report, "listops", "fastmax").published == "n/a (not in Table 1)"
     pathx = cell(report, "pathx", "softmax")
     assert pathx.published == "FAIL" and pathx.delta is None
     line = next(
@@ -247,7 +247,7 @@ def test_average_over_the_tasks_present_without_pathx():
     assert softmax.tasks == ["listops", "text"]
     assert softmax.acc_mean == pytest.approx(50.0)
     assert softmax.published == pytest.approx((36.37 + 64.27) / 2)
-    assert averages["fastmax"].published == "n/a (not in spec)"
+    assert averages["fastmax"].published == "n/a (not in Table 1)"
     assert averages["performer"].acc_mean is None
     assert "| softmax | 2: listops, text | 50.00 | 50.32 | -0.32 |" in results.render_markdown(report)
 

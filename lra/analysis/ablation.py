@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lra.analysis.gradients import check_fresh, grad_series, read_metrics, shown
-from lra.analysis.registry import attention_factory
 from lra.errors import run_cli
+from lra.registry import attention_factory
 from lra.summary import REPO_ROOT, device_name
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

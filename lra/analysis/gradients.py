@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
-from lra.analysis.registry import attention_factory
 from lra.errors import MissingDataError, OutputExistsError, run_cli
+from lra.registry import attention_factory
 from lra.summary import REPO_ROOT, device_name
 
 ATTENTIONS = ("softmax", "taylorshift", "fastmax")

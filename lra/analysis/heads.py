@@ -31,12 +31,12 @@ from lra.bench import (
     OperatorBench,
     calibration_row,
     environment,
-    registered_attentions,
     select_device,
     variants_from_config,
 )
 from lra.bench_report import METRICS, OperatorTable, metric_value
 from lra.errors import ConfigError, MissingDataError, run_cli
+from lra.registry import registered_attentions
 from lra.summary import REPO_ROOT, to_jsonable
 from models.attention.taylorshift import crossover_n0, crossover_n1
 
