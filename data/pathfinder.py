@@ -338,28 +338,13 @@ class PathXDataModule(PathfinderDataModule):
     default_resolution: ClassVar[int] = 128
 
 
-# The generator's names, importable from here as before this module was split; the drawing code loads on
-# first use.
-_MOVED = {
-    "data.pathfinder_generator": (
-        "GENERATOR_VERSION",
-        "Sample",
-        "draw_image",
-        "generate_sample",
-        "generated_pathfinder_dir",
-        "metadata_row",
-        "pathfinder_params",
-        "sample_seed",
-        "write_pathfinder",
-    ),
-    "data.pathfinder_canvas": ("PathfinderParams", "downsample", "markers_connected", "paint"),
-}
-
-
 def __getattr__(name: str) -> Any:
-    for module, names in _MOVED.items():
-        if name in names:
-            return getattr(importlib.import_module(module), name)
+    """The generator's names, importable from here as before it had its own module; the drawing code loads
+    on first use."""
+    if not name.startswith("_"):
+        generator = importlib.import_module("data.pathfinder_generator")
+        if name in generator.__all__:
+            return getattr(generator, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
