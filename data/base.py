@@ -53,22 +53,12 @@ class ArrayDataset(Dataset):
         return example
 
 
-class BufferShuffleSampler(Sampler[int]):
-    """The official input order: a fixed base order read through a shuffle buffer of ``buffer_size`` units.
+class SeededSampler(Sampler[int]):
+    """An order of ``num_examples`` indices that is a function of ``seed`` and the epoch set by Lightning."""
 
-    A unit is one example (ListOps, Text, Retrieval) or one block of ``block`` consecutive examples (the
-    image tasks shuffle whole batches). With ``permute_first`` the base order is a seeded permutation
-    (the image tasks' fixed order). Deterministic given ``seed`` and the epoch set by Lightning.
-    """
-
-    def __init__(
-        self, num_examples: int, buffer_size: int, seed: int, block: int = 1, permute_first: bool = False
-    ) -> None:
+    def __init__(self, num_examples: int, seed: int) -> None:
         self.num_examples = num_examples
-        self.buffer_size = max(1, buffer_size)
         self.seed = seed
-        self.block = max(1, block)
-        self.permute_first = permute_first
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -76,6 +66,23 @@ class BufferShuffleSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_examples
+
+
+class BufferShuffleSampler(SeededSampler):
+    """The official input order: a fixed base order read through a shuffle buffer of ``buffer_size`` units.
+
+    A unit is one example (ListOps, Text, Retrieval) or one block of ``block`` consecutive examples (the
+    image tasks shuffle whole batches). With ``permute_first`` the base order is a seeded permutation
+    (the image tasks' fixed order).
+    """
+
+    def __init__(
+        self, num_examples: int, buffer_size: int, seed: int, block: int = 1, permute_first: bool = False
+    ) -> None:
+        super().__init__(num_examples, seed)
+        self.buffer_size = max(1, buffer_size)
+        self.block = max(1, block)
+        self.permute_first = permute_first
 
     def __iter__(self) -> Iterator[int]:
         base = np.arange(self.num_examples)
@@ -92,19 +99,8 @@ class BufferShuffleSampler(Sampler[int]):
             yield from buffer.pop(int(rng.integers(len(buffer)))).tolist()
 
 
-class FullShuffleSampler(Sampler[int]):
+class FullShuffleSampler(SeededSampler):
     """A fresh seeded permutation every epoch."""
-
-    def __init__(self, num_examples: int, seed: int) -> None:
-        self.num_examples = num_examples
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_examples
 
     def __iter__(self) -> Iterator[int]:
         yield from np.random.default_rng((self.seed, self.epoch)).permutation(self.num_examples).tolist()

@@ -1,4 +1,5 @@
-"""Image (LRA): grayscale CIFAR-10 as a sequence of 1024 pixel tokens, 10 classes.
+"""Image (LRA, Tay et al. 2021, arXiv 2011.04006): grayscale CIFAR-10 (Krizhevsky 2009) as a sequence of 1024
+pixel tokens, 10 classes.
 
 Grayscale by TensorFlow's ``rgb_to_grayscale`` (the official pipeline): pixels to float32 in [0, 1]
 (``x * (1/255)``), weighted sum 0.2989 R + 0.5870 G + 0.1140 B, then back to 8 bits by
@@ -15,7 +16,6 @@ import os
 import pickle
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,6 @@ from data.sources import (
     check_sizes,
     load_parquet_or_hub,
     quiet_datasets,
-    resolve_source,
     scratch_dir,
 )
 from lra.errors import ConfigError, DataError
@@ -146,6 +145,16 @@ class ImageDataModule(LocatedSource, LRADataModule):
     task_name = "image"
     vocab_size = 256
     num_classes = 10
+    default_dir = DEFAULT_PARQUET_DIR
+    is_release = staticmethod(is_cifar_release)
+    expected = (
+        "train/test parquet files with columns img and label, or the CIFAR-10 batches "
+        "(data_batch_1..5 and test_batch, python or .bin)"
+    )
+    how_to_get = (
+        "pass task.data_dir=<folder>, or data.source=hf to download uoft-cs/cifar10 from the Hugging "
+        "Face hub, or get cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html"
+    )
 
     def __init__(
         self,
@@ -166,27 +175,10 @@ class ImageDataModule(LocatedSource, LRADataModule):
             )
         if val_split not in VAL_SPLITS:
             raise ConfigError(f"data.val_split={val_split!r} is not one of {VAL_SPLITS}")
-        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
-        self.requested_source = source
-        self.hub_name = hub_name
+        self.set_source(data_dir, source, hub_name)
         self.val_split = val_split
         self.split_seed = split_seed
         self.num_proc = max(1, min(num_proc, os.cpu_count() or 1))
-
-    @cached_property
-    def located(self) -> tuple[str, Path | None]:
-        """``(source, folder)``, decided on first use so that building the object never needs the data."""
-        return resolve_source(
-            "image",
-            self.requested_source,
-            self.data_dir,
-            DEFAULT_PARQUET_DIR,
-            is_cifar_release,
-            "train/test parquet files with columns img and label, or the CIFAR-10 batches "
-            "(data_batch_1..5 and test_batch, python or .bin)",
-            "pass task.data_dir=<folder>, or data.source=hf to download uoft-cs/cifar10 from the Hugging "
-            "Face hub, or get cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html",
-        )
 
     def cache_params(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,5 @@
-"""ListOps: the official generator distribution, the official TSV format, and its DataModule.
+"""ListOps (Nangia & Bowman 2018, arXiv 1804.06028, at LRA's lengths, Tay et al. 2021, arXiv 2011.04006):
+the official generator distribution, the official TSV format, and its DataModule.
 
 Format (``basic_{train,val,test}.tsv``): header ``Source<TAB>Target``, CRLF line endings. ``[MAX 2 9]`` is
 stored as ``( ( ( [MAX 2 ) 9 ) ] )``. Tokenisation: ``]`` becomes ``X``, parentheses are dropped, the rest
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from data.base import LRADataModule, missing_data_error
-from data.cache import ArraySplits, atomic_directory, data_root, params_key
+from data.cache import ArraySplits, atomic_directory, params_key
 from lra.errors import DataError
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -220,7 +221,7 @@ class ListOpsDataModule(LRADataModule):
 
     def tsv_dir(self) -> Path:
         if self.data_dir is None:
-            return generated_listops_dir(data_root() if self.root is None else self.root, **self.generator)
+            return generated_listops_dir(self.root, **self.generator)
         missing = [name for name in FILES.values() if not (self.data_dir / name).is_file()]
         if missing:
             raise missing_data_error(

@@ -1,4 +1,5 @@
-"""Retrieval (LRA): do two ACL Anthology papers cite each other? Byte level, two documents, 2 classes.
+"""Retrieval (LRA, Tay et al. 2021, arXiv 2011.04006): do two papers of the ACL Anthology Network
+(Radev et al. 2013) cite each other? Byte level, two documents, 2 classes.
 
 Format (``new_aan_pairs.{train,eval,test}.tsv`` in the release's ``tsv_data``): no header, one pair per
 line, 5 tab-separated fields ``label, id1, id2, text1, text2``. The label is written as a float (``1.0``)

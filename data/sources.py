@@ -17,6 +17,7 @@ import contextlib
 import logging
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 
 from data.base import missing_data_error
@@ -162,13 +163,37 @@ def check_sizes(task: str, source: str, sizes: Mapping[str, int], official: Mapp
 
 
 class LocatedSource:
-    """Mixin for data modules whose ``located`` property returns ``resolve_source``'s ``(source, folder)``.
+    """Mixin for the tasks that live outside the LRA release (Text, Image): where their data comes from.
 
-    It supplies the ``source`` name the run logs and the cache-key entries that identify where the data
-    came from (the folder, or the hub name when the data comes from the hub).
+    A subclass names its project copy (``default_dir``), recognises the dataset's own layout
+    (``is_release``) and words the missing-data error (``expected``, ``how_to_get``); its constructor calls
+    ``set_source``. The mixin decides ``(source, folder)`` on first use, so that building the object never
+    needs the data, and supplies the cache-key entries that identify where the data came from.
     """
 
-    hub_name: str
+    task_name: str
+    default_dir: Path
+    is_release: Callable[[Path], bool]  # subclasses wrap it in staticmethod, so it is not bound to self
+    expected: str
+    how_to_get: str
+
+    def set_source(self, data_dir: str | None, source: str, hub_name: str) -> None:
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
+        self.requested_source = source
+        self.hub_name = hub_name
+
+    @cached_property
+    def located(self) -> tuple[str, Path | None]:
+        """``(source, folder)``: see ``resolve_source``."""
+        return resolve_source(
+            self.task_name,
+            self.requested_source,
+            self.data_dir,
+            self.default_dir,
+            self.is_release,
+            self.expected,
+            self.how_to_get,
+        )
 
     @property
     def source(self) -> str:

@@ -1,4 +1,5 @@
-"""Text (LRA): byte-level IMDb sentiment, 2 classes.
+"""Text (LRA, Tay et al. 2021, arXiv 2011.04006): byte-level IMDb sentiment (Maas et al. 2011, ACL),
+2 classes.
 
 Encoding (official): the review's UTF-8 bytes with ASCII whitespace stripped at both ends (TFDS strips the raw
 bytes, so a final U+00A0 or U+0085 stays), id = byte + 1, truncated to ``seq_len`` and right-padded with 0;
@@ -9,7 +10,6 @@ officially).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from data.sources import (
     check_sizes,
     load_parquet_or_hub,
     quiet_datasets,
-    resolve_source,
     scratch_dir,
 )
 from lra.errors import ConfigError
@@ -127,6 +126,16 @@ class TextDataModule(LocatedSource, LRADataModule):
     task_name = "text"
     vocab_size = BYTE_VOCAB
     num_classes = 2
+    default_dir = DEFAULT_PARQUET_DIR
+    is_release = staticmethod(is_aclimdb)
+    expected = (
+        "train/test parquet files with columns text and label, or the aclImdb folder "
+        "(train/{neg,pos}/*.txt, test/{neg,pos}/*.txt)"
+    )
+    how_to_get = (
+        "pass task.data_dir=<folder>, or data.source=hf to download stanfordnlp/imdb from the Hugging "
+        "Face hub, or get aclImdb_v1.tar.gz from https://ai.stanford.edu/~amaas/data/sentiment/"
+    )
 
     def __init__(
         self,
@@ -147,28 +156,11 @@ class TextDataModule(LocatedSource, LRADataModule):
         ):
             if value not in allowed:
                 raise ConfigError(f"data.{key}={value!r} is not one of {allowed}")
-        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
-        self.hub_name = hub_name
+        self.set_source(data_dir, source, hub_name)
         self.unit = unit
         self.strip = strip
         self.val_split = val_split
         self.split_seed = split_seed
-        self.requested_source = source
-
-    @cached_property
-    def located(self) -> tuple[str, Path | None]:
-        """``(source, folder)``, decided on first use so that building the object never needs the data."""
-        return resolve_source(
-            "text",
-            self.requested_source,
-            self.data_dir,
-            DEFAULT_PARQUET_DIR,
-            is_aclimdb,
-            "train/test parquet files with columns text and label, or the aclImdb folder "
-            "(train/{neg,pos}/*.txt, test/{neg,pos}/*.txt)",
-            "pass task.data_dir=<folder>, or data.source=hf to download stanfordnlp/imdb from the Hugging "
-            "Face hub, or get aclImdb_v1.tar.gz from https://ai.stanford.edu/~amaas/data/sentiment/",
-        )
 
     def cache_params(self) -> dict[str, Any]:
         return {

@@ -10,18 +10,22 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
+import data.pathfinder
+import data.pathfinder_generator
 from data.pathfinder import (
     DIFFICULTY_DIRS,
     PathfinderDataModule,
     PathXDataModule,
     decode_png,
-    generate_sample,
     list_examples,
+    read_metadata,
+    write_metadata,
+)
+from data.pathfinder_generator import (
+    generate_sample,
     metadata_row,
     pathfinder_params,
-    read_metadata,
     sample_seed,
-    write_metadata,
     write_pathfinder,
 )
 
@@ -260,12 +264,10 @@ def test_generated_data_module_caches_and_reuses(tmp_path, monkeypatch):
     batch = next(iter(module.train_dataloader()))
     assert batch["input_ids"].shape == (4, 1024) and batch["mask"].all()
 
-    import data.pathfinder
-
     def refuse(*args, **kwargs):
         raise AssertionError("regenerated instead of reusing the cache")
 
-    monkeypatch.setattr(data.pathfinder, "write_pathfinder", refuse)
+    monkeypatch.setattr(data.pathfinder_generator, "write_pathfinder", refuse)
     again = PathfinderDataModule(**kwargs)
     again.setup()
     assert again.describe()["sizes"] == module.describe()["sizes"]
@@ -298,3 +300,13 @@ def test_all_difficulties_together(tmp_path):
     assert {split: len(a["labels"]) for split, a in arrays.items()} == {"train": 12, "val": 1, "test": 2}
     folders = sorted(p.name for p in (tmp_path / "pathfinder").glob("generated-*/pathfinder32/*"))
     assert folders == sorted(DIFFICULTY_DIRS.values())
+
+
+def test_generator_names_still_import_from_the_reader_module():
+    """``data.pathfinder`` held the generator before it moved to ``data/pathfinder_generator.py``."""
+    from data.pathfinder import PathfinderParams, pathfinder_params, write_pathfinder
+
+    assert write_pathfinder is data.pathfinder_generator.write_pathfinder
+    assert isinstance(pathfinder_params(), PathfinderParams)
+    with pytest.raises(AttributeError, match="no attribute 'draw_paths'"):
+        data.pathfinder.draw_paths  # noqa: B018 - the lookup is the test

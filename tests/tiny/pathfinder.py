@@ -3,7 +3,8 @@ the seeded 80/10/10 cut gives 16/2/2, so evaluation batches hold 2 images."""
 
 from pathlib import Path
 
-from data.pathfinder import DIFFICULTY_DIRS, pathfinder_params, write_pathfinder
+from data.pathfinder import DIFFICULTY_DIRS
+from data.pathfinder_generator import pathfinder_params, write_pathfinder
 
 
 def write_tiny_release(tmp_path: Path, resolution: int, num_images: int) -> Path:
