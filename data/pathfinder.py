@@ -13,7 +13,6 @@ drawing code is loaded only then.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing
 import os
@@ -336,16 +335,6 @@ class PathXDataModule(PathfinderDataModule):
 
     task_name: ClassVar[str] = "pathx"
     default_resolution: ClassVar[int] = 128
-
-
-def __getattr__(name: str) -> Any:
-    """The generator's names, importable from here as before it had its own module; the drawing code loads
-    on first use."""
-    if not name.startswith("_"):
-        generator = importlib.import_module("data.pathfinder_generator")
-        if name in generator.__all__:
-            return getattr(generator, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

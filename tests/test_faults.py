@@ -288,7 +288,8 @@ def test_truncated_png_in_image_parquet_names_the_row(tmp_path):
 
 
 def test_truncated_png_in_pathfinder_names_the_file(tmp_path):
-    from data.pathfinder import PathfinderDataModule, pathfinder_params, write_pathfinder
+    from data.pathfinder import PathfinderDataModule
+    from data.pathfinder_generator import pathfinder_params, write_pathfinder
 
     folder = tmp_path / "pathfinder32" / "curv_contour_length_14"
     write_pathfinder(

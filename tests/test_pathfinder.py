@@ -300,13 +300,3 @@ def test_all_difficulties_together(tmp_path):
     assert {split: len(a["labels"]) for split, a in arrays.items()} == {"train": 12, "val": 1, "test": 2}
     folders = sorted(p.name for p in (tmp_path / "pathfinder").glob("generated-*/pathfinder32/*"))
     assert folders == sorted(DIFFICULTY_DIRS.values())
-
-
-def test_generator_names_still_import_from_the_reader_module():
-    """``data.pathfinder`` held the generator before it moved to ``data/pathfinder_generator.py``."""
-    from data.pathfinder import PathfinderParams, pathfinder_params, write_pathfinder
-
-    assert write_pathfinder is data.pathfinder_generator.write_pathfinder
-    assert isinstance(pathfinder_params(), PathfinderParams)
-    with pytest.raises(AttributeError, match="no attribute 'draw_paths'"):
-        data.pathfinder.draw_paths  # noqa: B018 - the lookup is the test
