@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
+from models.attention import crossover as crossovers
 from models.attention import taylorshift as ts
 from models.attention.polynomial import poly_kernel_attention
 from models.attention.taylorshift import (
@@ -352,7 +353,7 @@ def test_autocast_keeps_fp32_states():
 
 def test_auto_uses_the_measured_crossover_table(monkeypatch):
     """n0='table' (the default) switches at the table's N0 for the device kind, dtype and d, else theory."""
-    monkeypatch.setattr(ts, "_crossover_table", {"cpu": {"float32": {"4": 7}}})
+    monkeypatch.setattr(crossovers, "_crossover_table", {"cpu": {"float32": {"4": 7}}})
     options = TaylorShiftOptions()
     assert options.n0 == "table"
     assert options.mode_at(7, D, device_kind="cpu", dtype=torch.float32) == "direct"
@@ -374,7 +375,7 @@ def test_auto_uses_the_measured_crossover_table(monkeypatch):
 
 
 def test_committed_crossover_table_is_well_formed():
-    table = json.loads(ts.CROSSOVER_TABLE.read_text())
+    table = json.loads(crossovers.CROSSOVER_TABLE.read_text())
     assert table, "models/attention/crossover.json holds no measurement"
     for kind, by_dtype in table.items():
         assert kind in ("cpu", "cuda")
@@ -382,7 +383,7 @@ def test_committed_crossover_table_is_well_formed():
             assert isinstance(getattr(torch, dtype_name), torch.dtype)
             for dim, n0 in by_dim.items():
                 assert int(dim) >= 1 and type(n0) is int and n0 >= 0
-                assert ts.measured_n0(kind, getattr(torch, dtype_name), int(dim)) == n0
+                assert crossovers.measured_n0(kind, getattr(torch, dtype_name), int(dim)) == n0
 
 
 def test_crossover_script_measures_and_merges(tmp_path):
