@@ -1,67 +1,9 @@
 """Fused Triton kernels (forward, backward) for second-order polynomial ("Taylor-softmax") linear attention.
 
-The primitive, per (batch, head), non-causal and unnormalised::
-
-    out_i = Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) · v_j        q, k: [N, d]    v: [N, e]
-
-Callers (TaylorShift, Fastmax) pass already-normalised q, k and the augmented V' = [α·1, V] whose padded rows
-are zero, so masking and the normaliser are encoded in v and the kernels need no mask. With
-φ(x) = [√c, √b·x, √a·vec(x xᵀ)] this is φ(Q)(φ(K)ᵀV); φ never goes to HBM (spec section 7.5).
-
-State layout, per head: R = d² + d + 1 rows of E_PAD ≥ e columns (zero beyond e). Row α·d + β holds
-S2[αβ] = Σ_j k_jα k_jβ v_j, row d² + β holds S1[β] = Σ_j k_jβ v_j, row d² + d holds S0 = Σ_j v_j. The
-coefficients (a, b, c) are applied when a state is used, never stored in it.
-
-Two kernels serve both passes:
-
-* ``_poly_state_kernel(x, y) -> T = Σ_n [x_n⊗x_n, x_n, 1]ᵀ y_n``. Grid (B·H, ⌈d/BLOCK_A⌉ + 1, n_split).
-  Program (bh, r, s) owns BLOCK_A·D_PAD quadratic features (rows α ∈ [r·BLOCK_A, (r+1)·BLOCK_A), every β;
-  128 features by default), or, for the last r, the linear and constant rows. It streams its share of N in
-  BLOCK_N tiles, builds the feature tile on chip as the outer product of BLOCK_A columns of the x tile with
-  the whole tile, and accumulates featᵀ·y with MMAs into fp32 registers. Splits over N (n_split > 1 only when
-  B·H·(⌈d/BLOCK_A⌉ + 1) programs cannot fill the GPU) are summed on the host: deterministic, no atomics.
-* ``_poly_apply_kernel(x, y, T)``. Grid (B·H, ⌈N/BLOCK_N⌉). Each program loads its x (and y) tile once and
-  streams the state in blocks of BLOCK_A·D_PAD rows:
-
-  - OUT: o_n = a·φ₂(x_n)·T2 + b·x_n·T1 + c·T0;
-  - DX:  dx_n = a·(G_n + G_nᵀ)·x_n + b·T1·y_n, with G_n[α, β] = T2[αβ]·y_n, i.e. dφ contracted on chip
-    (G is one MMA per state block; both of its contractions with x are register reductions).
-
-Forward: S = state(k, v); out = apply[OUT](q, S).
-Backward: D = state(q, dout); dq = apply[DX](q, dout, S); (dv, dk) = apply[OUT, DX](k, v, D), one pass
-over the key tiles, since dv_j = a·φ₂(k_j)·D2 + b·k_j·D1 + c·D0 and dk_j = a·(G + Gᵀ)·k_j + b·D1·v_j with G
-from D2.
-Saved for backward: q, k, the padded V' and S (R×E_PAD per head in the MMA operand dtype, 0.67 MB per head
-at d = 64 in bf16); never an N×d² tensor. Extra memory is O(B·H·(N·(d + e) + d²·e)).
-
-Tiling (defaults in ``_DEFAULT_TILES``):
-
-* D_PAD = max(16, next_pow2(d)) with masks, since MMA operands need extents ≥ 16.
-* The value width is a power-of-two main part plus a tail of ≥ 16 (e = 65 → 64 + 16 = E_PAD = 80, not 128),
-  so the ones column of V' costs 25%, not 100%. v and dout are zero-padded to E_PAD on the host (one O(N·e)
-  copy) and the state rows are E_PAD wide: every row is then 16-byte aligned, which the compiler needs to
-  turn the tile loads into pipelined async copies.
-* bf16: 128 quadratic features per block (BLOCK_A = 128 // D_PAD), BLOCK_N = 64 for the state kernel (the
-  MMA reduction extent), 128 for the forward apply (halves the state re-reads) and 64 for the apply variants
-  that form dx (more live registers); 8 warps, 2 stages. Chosen from sm_90 compiles of every variant for
-  d ∈ {16, 32, 64, 128} (wgmma MMAs, async-copy pipelining, no register spills for d ≤ 64; 192 bytes of
-  spill in the d = 128 dk/dv variant), not from timings: nothing here has been timed.
-
-Precision: features are formed in fp32 from the loaded tiles and rounded once to the MMA operand dtype;
-accumulation is fp32 (fp64 for fp64 inputs); outputs and gradients are returned in the input dtype.
-bf16 uses bf16 operands (the fast path); fp16 uses fp32 operands (tf32), because state sums can leave the
-fp16 range; fp32 uses IEEE fp32 (exact but FMA-based, a precision path); fp64 uses fp64 (the interpreter
-tests).
-
-Cost per head, F = d² + d + 1 features: forward 2·N·F·e (state) + 2·N·F·e (apply) ≈ 4·N·d·(d+1)·e, the
-spec's 4Nd(d+1)² for e = d+1 (see ``poly_kernel_flops``); backward ≈ 8·N·F·e (state of dout, dq, dv, dk),
-so forward + backward ≈ 3× forward. HBM traffic is O(N·(d+e)) per head plus the state, so the kernels are
-compute-bound (intensity ~ (d+1)²/2 FLOP/byte). The re-reads are served by L2: each K/V' tile is read by the
-⌈d/BLOCK_A⌉ + 1 feature programs of its head, and each N tile reads the whole state. At the anchor shape
-(N = 16k, d = 64, h = 8, bf16) that is ≈ 1.25 GB (state kernel), 0.68 GB (forward apply) and 1.36 GB (each
-dx apply) of L2 reads against 1.42e11 forward FLOPs, so BLOCK_A and BLOCK_N are the first knobs to tune.
-
-Causal masking is not implemented (spec 7.5: out of scope for G1); ``causal=True`` raises.
+Per (batch, head), non-causal and unnormalised: out_i = Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) · v_j, computed
+as φ(Q)(φ(K)ᵀV) with the features φ formed on chip. Callers pass normalised q, k and the augmented V' whose
+padded rows are zero, so the kernels need no mask. How the two kernels (state, apply) split the work, the
+state layout, the tiling, the precision per dtype and the cost: ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -93,11 +35,11 @@ _FEATURES_PER_BLOCK = 128
 
 
 def poly_kernel_flops(batch: int, heads: int, seq_len: int, head_dim: int, value_dim: int) -> float:
-    """Forward matmul FLOPs of the factorised kernel (spec 7.3 convention, full features).
+    """Forward matmul FLOPs of the factorised kernel (2 per multiply-add, full features).
 
     4·N·d·(d+1)·e per head: the state and the apply pass each cost 2·N·e per feature, counting the d² + d
-    quadratic and linear features (the constant one is negligible). With e = d+1 this is the spec's
-    4·N·d·(d+1)². Forward + backward ≈ 3× this.
+    quadratic and linear features (the constant one is negligible). With e = d+1 this is the
+    4·N·d·(d+1)² of ``TaylorShiftAttention.flops``. Forward + backward ≈ 3× this.
     """
     return 4.0 * batch * heads * seq_len * head_dim * (head_dim + 1) * value_dim
 
@@ -123,7 +65,7 @@ if triton is not None:
         OP_DTYPE: tl.constexpr,
         INPUT_PRECISION: tl.constexpr,
     ):
-        """Partial state T[bh, split] = Σ_{n in split} [x_n⊗x_n, x_n, 1]ᵀ y_n, rows as in the module doc.
+        """Partial state T[bh, split] = Σ_{n in split} [x_n⊗x_n, x_n, 1]ᵀ y_n, rows as in docs/kernels.md.
 
         x: [BH, N, d]; y: [BH, N, E_PAD], zero beyond the value width; state: [BH, n_split, d² + d + 1, E_PAD]
         in ACC_DTYPE. E_PAD (a multiple of 16) keeps every row 16-byte aligned for vector and async loads.
@@ -233,6 +175,13 @@ if triton is not None:
                     state_ptr + lin_rows[:, None] * E_PAD + offs_et[None, :], lin_acc_t, mask=d_ok[:, None]
                 )
                 tl.store(state_ptr + const_row * E_PAD + offs_et, const_t)
+
+    @triton.jit
+    def _output_columns(quad, x_op, t1, t0_ptrs, coef_a, coef_b, coef_c, INPUT_PRECISION: tl.constexpr):
+        """a·quad + b·x·T1 + c·T0 for one block of output columns (the main part or the tail of E_PAD)."""
+        t0 = tl.load(t0_ptrs).to(quad.dtype)
+        lin = tl.dot(x_op, t1, input_precision=INPUT_PRECISION, out_dtype=quad.dtype)
+        return coef_a * quad + coef_b * lin + coef_c * t0[None, :]
 
     @triton.jit
     def _poly_apply_kernel(
@@ -349,22 +298,18 @@ if triton is not None:
             )
         if COMPUTE_OUT:
             x_op = x.to(OP_DTYPE)
-            t0_m = tl.load(state_ptr + const_row * E_PAD + offs_em).to(ACC_DTYPE)
-            lin_m = tl.dot(x_op, t1_m, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            out_m = coef_a * out_m + coef_b * lin_m + coef_c * t0_m[None, :]
-            tl.store(
-                out_ptr + offs_n[:, None] * value_dim + offs_em[None, :],
-                out_m.to(out_ptr.dtype.element_ty),
-                mask=n_ok[:, None] & (offs_em[None, :] < value_dim),
+            const_ptr = state_ptr + const_row * E_PAD
+            out_m = _output_columns(
+                out_m, x_op, t1_m, const_ptr + offs_em, coef_a, coef_b, coef_c, INPUT_PRECISION
             )
+            out_rows = out_ptr + offs_n[:, None] * value_dim
+            tl.store(out_rows + offs_em[None, :], out_m, mask=n_ok[:, None] & (offs_em[None, :] < value_dim))
             if HAS_TAIL:
-                t0_t = tl.load(state_ptr + const_row * E_PAD + offs_et).to(ACC_DTYPE)
-                lin_t = tl.dot(x_op, t1_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                out_t = coef_a * out_t + coef_b * lin_t + coef_c * t0_t[None, :]
+                out_t = _output_columns(
+                    out_t, x_op, t1_t, const_ptr + offs_et, coef_a, coef_b, coef_c, INPUT_PRECISION
+                )
                 tl.store(
-                    out_ptr + offs_n[:, None] * value_dim + offs_et[None, :],
-                    out_t.to(out_ptr.dtype.element_ty),
-                    mask=n_ok[:, None] & (offs_et[None, :] < value_dim),
+                    out_rows + offs_et[None, :], out_t, mask=n_ok[:, None] & (offs_et[None, :] < value_dim)
                 )
         if COMPUTE_DX:
             lin = tl.dot(y_m, tl.trans(t1_m), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
@@ -388,7 +333,7 @@ def _prev_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class _Config:
-    """Tile sizes and dtypes of one call; see the module docstring for their roles."""
+    """Tile sizes and dtypes of one call; their roles are described in docs/kernels.md."""
 
     d_pad: int
     block_a: int
@@ -554,7 +499,7 @@ def _apply(
 
 
 class _PolyKernelAttention(torch.autograd.Function):
-    """Autograd wrapper: forward = state(k, v) then apply(q); backward as in the module docstring."""
+    """Autograd wrapper: forward = state(k, v) then apply(q); backward as in docs/kernels.md."""
 
     @staticmethod
     def forward(
@@ -653,7 +598,7 @@ def poly_kernel_attention_triton(
             One dtype among fp16, bf16, fp32, fp64; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``.
             Non-contiguous inputs are copied.
         a, b, c: quadratic, linear and constant coefficients of the kernel (any finite reals).
-        causal: not supported by the fused kernel (spec 7.5); raises ``NotImplementedError``.
+        causal: not supported by the fused kernel; raises ``NotImplementedError``.
         block_n: rows of an N tile in every kernel (power of two, >= 16); the default depends on the
             kernel and the dtype (``_DEFAULT_TILES``: 64 / 128 / 64 for state / forward apply / dx applies
             in bf16).
@@ -673,9 +618,8 @@ def poly_kernel_attention_triton(
     _check_inputs(q, k, v, coefs)
     if causal:
         raise NotImplementedError(
-            "poly_kernel_attention_triton: causal=True is not implemented in the fused "
-            "kernel (spec 7.5: out of scope); use the PyTorch implementation for "
-            "causal attention"
+            "poly_kernel_attention_triton: causal=True is not implemented in the fused kernel; use the "
+            "PyTorch implementation (models.attention.polynomial) for causal attention"
         )
     if q.shape[2] == 0:
         # Nothing to launch; an empty product keeps autograd consistent.
