@@ -22,6 +22,7 @@ from models.attention.options import FastmaxOptions
 from models.attention.polynomial import (
     Augmentation,
     PolynomialAttention,
+    QuadFeatures,
     normalized_poly_attention,
     normalized_poly_attention_ref,
     quadratic_features,
@@ -69,16 +70,17 @@ def _fastmax(
     with torch.autocast(q.device.type, enabled=False):
         q_norm, k_norm = _normalize_qk(q.to(acc), k.to(acc), mask, opts)
         n_real = count_real(mask, q.shape[0], q.shape[2], q.device, acc)
-        features: list[Tensor] = []  # q⊗q, k⊗k with dropout applied
+        features: QuadFeatures | None = None  # q⊗q, k⊗k with dropout applied
         if opts.dropout_mode == "feature" and dropout > 0 and opts.order == 1:
             q_norm, k_norm = F.dropout(q_norm, p=dropout), F.dropout(k_norm, p=dropout)
         elif quadratic_dropout:
             # Numerator and denominator read the same dropped features, so rows still sum to 1.
-            features = [F.dropout(quadratic_features(x), p=dropout) for x in (q_norm, k_norm)]
+            q_quad, k_quad = (F.dropout(quadratic_features(x), p=dropout) for x in (q_norm, k_norm))
+            features = (q_quad, k_quad)
         # V' = [1, V]/N_v: 1/N_v keeps the sums O(1) in low precision and cancels in the ratio.
         augmentation = Augmentation(torch.ones_like(n_real), n_real, mask)
         out = normalized_poly_attention(
-            impl, q_norm, k_norm, v.to(acc), augmentation, opts.coefficients, opts.causal, q.dtype, *features
+            impl, q_norm, k_norm, v.to(acc), augmentation, opts.coefficients, opts.causal, q.dtype, features
         )
         if opts.dropout_mode == "output_noise" and dropout > 0:
             out = out * (1 + dropout * torch.randn_like(out))

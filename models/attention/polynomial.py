@@ -26,6 +26,8 @@ from models.attention.kernels.poly_torch import Coefficients, fold_heads, poly_b
 
 # Σ v, Σ k vᵀ (None when b = 0), Σ (k⊗k) vᵀ (None when a = 0).
 States = tuple[Tensor, Tensor | None, Tensor | None]
+# q⊗q, k⊗k given explicitly instead of built by the kernel (torch only: Fastmax's feature dropout).
+QuadFeatures = tuple[Tensor, Tensor]
 
 
 class Augmentation(NamedTuple):
@@ -280,19 +282,19 @@ def run_poly_kernel(
     coefficients: Coefficients,
     causal: bool,
     model_dtype: torch.dtype,
-    q_quad: Tensor | None = None,
-    k_quad: Tensor | None = None,
+    quad_features: QuadFeatures | None = None,
 ) -> Tensor:
     """Run the resolved impl (``select_impl``) on q, k, v held in the accumulation dtype; returns that dtype.
 
-    ``coefficients`` is (a, b, c); ``q_quad, k_quad`` replace q⊗q, k⊗k (torch only: Fastmax's feature
-    dropout). The torch path takes the tensors as they are; the Triton kernel reads them in ``model_dtype``.
+    ``coefficients`` is (a, b, c). The torch path takes the tensors as they are; the Triton kernel reads them
+    in ``model_dtype``.
     """
     if impl == "triton":
         return run_triton_poly_kernel(q, k, v, coefficients, causal, model_dtype)
+    q_quad, k_quad = (None, None) if quad_features is None else quad_features
     if causal:
         return _causal_poly(q, k, v, coefficients, q_quad, k_quad)
-    if q_quad is None and k_quad is None:
+    if quad_features is None:
         # The memory-saving autograd function: it never stores an N×d² tensor.
         return _PolyKernel.apply(q, k, v, *coefficients)
     return poly_readout(q, poly_states(k, v, coefficients, k_quad), coefficients, q_quad)
@@ -335,8 +337,7 @@ def normalized_poly_attention(
     coefficients: Coefficients,
     causal: bool,
     model_dtype: torch.dtype,
-    q_quad: Tensor | None = None,
-    k_quad: Tensor | None = None,
+    quad_features: QuadFeatures | None = None,
 ) -> Tensor:
     """Σ_j f(q_i·k_j) v_j / Σ_j f(q_i·k_j) over the real keys: ``split_ratio`` of ``run_poly_kernel`` on
     ``augmented_values(v, augmentation)``, ``[B, H, N, e]``.
@@ -346,11 +347,11 @@ def normalized_poly_attention(
     the three steps.
     """
     first, divisor, _ = augmentation
-    fused = impl == "torch" and not causal and q_quad is None and k_quad is None
+    fused = impl == "torch" and not causal and quad_features is None
     if fused and not first.requires_grad and (divisor is None or not divisor.requires_grad):
         return _PolyRatio.apply(q, k, v, augmentation, *coefficients)
     v_aug = augmented_values(v, augmentation)
-    out_aug = run_poly_kernel(impl, q, k, v_aug, coefficients, causal, model_dtype, q_quad, k_quad)
+    out_aug = run_poly_kernel(impl, q, k, v_aug, coefficients, causal, model_dtype, quad_features)
     return split_ratio(out_aug)
 
 

@@ -1,4 +1,4 @@
-"""The polynomial-kernel primitive: factorised forms against the explicit N×N oracle (spec 6.1, 6.3, 6.7)."""
+"""The polynomial-kernel primitive: factorised forms against the explicit N×N oracle (docs/kernels.md)."""
 
 import os
 import subprocess
@@ -38,7 +38,8 @@ def test_matches_ref(seq_len, a, causal):
 def test_explicit_features_match_default(causal):
     q, k, v = _inputs(1, 2, 37, 3, 4)
     features = polynomial.quadratic_features
-    out = polynomial.run_poly_kernel("torch", q, k, v, (0.5, 1.0, 1.0), causal, F64, features(q), features(k))
+    explicit = (features(q), features(k))
+    out = polynomial.run_poly_kernel("torch", q, k, v, (0.5, 1.0, 1.0), causal, F64, explicit)
     torch.testing.assert_close(
         out, poly_kernel_attention_ref(q, k, v, 0.5, 1.0, 1.0, causal), rtol=1e-12, atol=1e-12
     )
