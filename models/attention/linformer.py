@@ -1,4 +1,5 @@
-"""Linformer attention: keys and values projected along the sequence to a fixed length (Wang et al., 2020)."""
+"""Linformer attention: keys and values projected along the sequence to a fixed length (Wang et al., 2020,
+arXiv 2006.04768)."""
 
 from __future__ import annotations
 
