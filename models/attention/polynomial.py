@@ -177,7 +177,7 @@ class _PolyKernel(torch.autograd.Function):
 class _PolyRatio(torch.autograd.Function):
     """``split_ratio(poly_kernel(q, k, augmented_values(v, augmentation)))``, non-causal, as one autograd
     node: building V', the kernel and the ratio run without recording a graph, and the backward chains their
-    gradients by hand.
+    gradients by hand. ``first``, ``divisor`` and ``mask`` (the ``Augmentation``) get no gradient.
 
     The ratio's gradient at row i: dnum = dY/den, dden = -Σ_e dY·Y/den (0 where the denominator was 0 and
     replaced by 1, as ``split_ratio`` does).
@@ -185,16 +185,24 @@ class _PolyRatio(torch.autograd.Function):
 
     @staticmethod
     def forward(  # noqa: ANN001
-        ctx, q: Tensor, k: Tensor, v: Tensor, augmentation: Augmentation, a: float, b: float, c: float
+        ctx,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        first: Tensor,
+        divisor: Tensor | None,
+        mask: Tensor | None,
+        a: float,
+        b: float,
+        c: float,
     ) -> Tensor:
         shape = v.shape
         with torch.no_grad():
-            v_aug = augmented_values(v, augmentation)
+            v_aug = augmented_values(v, Augmentation(first, divisor, mask))
         q, k, v_aug = fold_heads(q, k, v_aug)
         out_aug, (s1, s2r) = poly_forward(q, k, v_aug, (a, b, c))
         denominator, nonzero = _denominator(out_aug)
         out = out_aug[..., 1:] / denominator
-        _, divisor, mask = augmentation
         ctx.save_for_backward(q, k, v_aug, s1, s2r, out, denominator, nonzero, divisor, mask)
         ctx.coefficients, ctx.output_shape = (a, b, c), shape
         return out.view(shape)
@@ -216,7 +224,7 @@ class _PolyRatio(torch.autograd.Function):
         if mask is not None:
             dv = torch.where(mask[:, None, :, None], dv, dv.new_zeros(()))
         qk_shape = (*shape[:-1], q.shape[-1])
-        return dq.view(qk_shape), dk.view(qk_shape), dv, None, None, None, None
+        return dq.view(qk_shape), dk.view(qk_shape), dv, None, None, None, None, None, None
 
 
 def _causal_chunk_size(seq_len: int, features: int, value_width: int) -> int:
@@ -349,7 +357,8 @@ def normalized_poly_attention(
     first, divisor, _ = augmentation
     fused = impl == "torch" and not causal and quad_features is None
     if fused and not first.requires_grad and (divisor is None or not divisor.requires_grad):
-        return _PolyRatio.apply(q, k, v, augmentation, *coefficients)
+        # autograd.Function tracks only top-level tensor arguments, so the tuple is passed unpacked.
+        return _PolyRatio.apply(q, k, v, *augmentation, *coefficients)
     v_aug = augmented_values(v, augmentation)
     out_aug = run_poly_kernel(impl, q, k, v_aug, coefficients, causal, model_dtype, quad_features)
     return split_ratio(out_aug)
