@@ -208,13 +208,13 @@ _SM90_COMPILE = textwrap.dedent("""
     cfg = P._make_config(q, v, None, None, None)
     ptr = {"x_ptr": "*bf16", "y_ptr": "*bf16"}
     variants = [
-        (P._poly_state_kernel, {**ptr, "state_ptr": "*fp32", "seq_len": "i32", "head_dim": "i32",
+        (P.poly_state_kernel, {**ptr, "state_ptr": "*fp32", "seq_len": "i32", "head_dim": "i32",
                                 "tiles_per_split": "i32"}, {}, cfg.block_n_state),
     ]
     apply_sig = {**ptr, "state_ptr": "*bf16", "out_ptr": "*bf16", "dx_ptr": "*bf16", "seq_len": "i32",
                  "head_dim": "i32", "value_dim": "i32", "coef_a": "fp32", "coef_b": "fp32", "coef_c": "fp32"}
     for out, dx in [(True, False), (False, True), (True, True)]:
-        variants.append((P._poly_apply_kernel, apply_sig, {"COMPUTE_OUT": out, "COMPUTE_DX": dx},
+        variants.append((P.poly_apply_kernel, apply_sig, {"COMPUTE_OUT": out, "COMPUTE_DX": dx},
                          cfg.block_n_grad if dx else cfg.block_n_out))
     for fn, sig, flags, block_n in variants:
         consts = {**P._kernel_args(torch.bfloat16, cfg, block_n), **flags}
