@@ -152,6 +152,11 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def require_choice(owner: str, option: str, value: object, choices: tuple[object, ...]) -> None:
+    """Raise ``ValueError`` naming the valid choices unless ``value`` is one of ``choices``."""
+    require(value in choices, f"{owner}: unknown {option} {value!r}; choose one of {choices}")
+
+
 def zero_pads(tensors: tuple[Tensor, ...], mask: Tensor) -> tuple[Tensor, ...]:
     """``[B, H, N, *]`` tensors with the rows at pads (``mask`` ``[B, N]`` False) set to zero by a select, not
     a multiply, because 0·NaN = NaN."""

@@ -1,4 +1,5 @@
-"""Linformer attention: keys and values projected along the sequence to a fixed length (Wang et al., 2020)."""
+"""Linformer attention: keys and values projected along the sequence to a fixed length (Wang et al., 2020,
+arXiv 2006.04768)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention.base import Attention, require
+from models.attention.base import Attention, require, require_choice
 
 SHARE_MODES = ("headwise", "kv")
 
@@ -96,7 +97,7 @@ class LinformerAttention(Attention):
     ) -> None:
         super().__init__(*args, **kwargs)
         max_len = self.max_len
-        require(share in SHARE_MODES, f"linformer: unknown share {share!r}; choose one of {SHARE_MODES}")
+        require_choice("linformer", "share", share, SHARE_MODES)
         require(
             1 <= proj_len <= max_len,
             f"linformer: proj_len must lie in [1, max_len={max_len}], got {proj_len}; "

@@ -1,8 +1,10 @@
-"""Performer attention: FAVOR+ positive orthogonal random features (Choromanski et al., ICLR 2021)."""
+"""Performer attention: FAVOR+ positive orthogonal random features (Choromanski et al., ICLR 2021,
+arXiv 2009.14794)."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,6 +14,25 @@ from models.attention.base import Attention, accumulation_dtype, require
 
 # Keys per step of the causal prefix sum; each step materialises a [chunk, chunk] score block.
 CAUSAL_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class FavorOptions:
+    """How the FAVOR+ estimator runs: validated once, shared by the fast path, the reference and the module.
+
+    Attributes:
+        causal: query i sees keys j ≤ i (prefix sums, ``chunk_size`` keys per step).
+        eps: added to every feature after the exp (before the 1/√m, so its weight does not depend on m).
+        chunk_size: keys per step of the causal prefix sum.
+    """
+
+    causal: bool = False
+    eps: float = 1e-4
+    chunk_size: int = CAUSAL_CHUNK
+
+    def __post_init__(self) -> None:
+        require(self.eps > 0, f"performer: eps must be > 0 to keep the normaliser positive, got {self.eps}")
+        require(self.chunk_size >= 1, f"performer: chunk_size must be >= 1, got {self.chunk_size}")
 
 
 def orthogonal_random_features(num_features: int, head_dim: int, generator: torch.Generator) -> Tensor:
@@ -60,14 +81,7 @@ def _real_key_row_max(key_logits: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def performer_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    projection: Tensor,
-    mask: Tensor | None = None,
-    causal: bool = False,
-    eps: float = 1e-4,
-    chunk_size: int = CAUSAL_CHUNK,
+    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None = None, **options: Any
 ) -> Tensor:
     """FAVOR+ attention φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1), linear in N.
 
@@ -79,32 +93,30 @@ def performer_attention(
         q, k, v: ``[B, H, N, D]``.
         projection: W, ``[m, D]``, shared by all heads.
         mask: ``[B, N]`` bool, True at real keys; ``None`` means no padding.
-        causal: query i sees keys j ≤ i (prefix sums, ``chunk_size`` keys per step).
-        eps: added to every feature after the exp (before the 1/√m, so its weight does not depend on m).
+        **options: the fields of ``FavorOptions`` (causal, eps, chunk_size).
 
     Returns:
         ``[B, H, N, D]`` in the dtype of q.
     """
+    return _favor(q, k, v, projection, mask, FavorOptions(**options))
+
+
+def _favor(
+    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None, opts: FavorOptions
+) -> Tensor:
     out_dtype = q.dtype
     acc = accumulation_dtype(q.dtype)
     # Under autocast the feature matmuls would drop back to bf16/fp16; the states must stay in `acc`.
     with torch.autocast(q.device.type, enabled=False):
         q, k, v, projection = (t.to(acc) for t in (q, k, v, projection))
-        out = _favor(q, k, v, projection, mask, causal, eps, chunk_size)
+        out = _favor_in_accumulation_dtype(q, k, v, projection, mask, opts)
     return out.to(out_dtype)
 
 
-def _favor(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    projection: Tensor,
-    mask: Tensor | None,
-    causal: bool,
-    eps: float,
-    chunk_size: int,
+def _favor_in_accumulation_dtype(
+    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None, opts: FavorOptions
 ) -> Tensor:
-    """``performer_attention`` on inputs already in the accumulation dtype."""
+    causal, eps, chunk_size = opts.causal, opts.eps, opts.chunk_size
     inv_sqrt_m = 1.0 / math.sqrt(projection.shape[0])
     query_features = _query_features(q, projection, eps)  # [B, H, N, m]
     key_logits, key_half_sq_norm = _scaled_logits(k, projection)
@@ -204,18 +216,18 @@ def _causal_favor(
 
 
 def performer_attention_ref(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    projection: Tensor,
-    mask: Tensor | None = None,
-    causal: bool = False,
-    eps: float = 1e-4,
+    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None = None, **options: Any
 ) -> Tensor:
     """The same estimator with an explicit N×N matrix φ(Q)φ(K)ᵀ, normalised per row; arguments as
-    ``performer_attention``."""
+    ``performer_attention`` (``chunk_size`` is not used)."""
+    return _reference(q, k, v, projection, mask, FavorOptions(**options))
+
+
+def _reference(
+    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None, opts: FavorOptions
+) -> Tensor:
     acc = accumulation_dtype(q.dtype)
-    weights = _explicit_weights(q.to(acc), k.to(acc), projection.to(acc), mask, causal, eps)
+    weights = _explicit_weights(q.to(acc), k.to(acc), projection.to(acc), mask, opts.causal, opts.eps)
     return (weights @ v.to(acc)).to(q.dtype)
 
 
@@ -300,10 +312,9 @@ class PerformerAttention(Attention):
             redraw_interval is None or redraw_interval >= 0,
             f"performer: redraw_interval must be >= 0 (0 or null = never), got {redraw_interval}",
         )
-        require(eps > 0, f"performer: eps must be > 0 to keep the normaliser positive, got {eps}")
+        self.favor = FavorOptions(causal=self.causal, eps=eps)
         self.num_features = num_features
         self.redraw_interval = redraw_interval or 0
-        self.eps = eps
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
         self.redraws = 0
         self.calls_since_redraw = 0
@@ -326,10 +337,10 @@ class PerformerAttention(Attention):
             if self.redraw_interval and self.calls_since_redraw >= self.redraw_interval:
                 self.redraw_features()
             self.calls_since_redraw += 1
-        return performer_attention(q, k, v, self.projection, mask, self.causal, self.eps)
+        return _favor(q, k, v, self.projection, mask, self.favor)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        return performer_attention_ref(q, k, v, self.projection, mask, self.causal, self.eps)
+        return _reference(q, k, v, self.projection, mask, self.favor)
 
     def flops(self, batch: int, heads: int, seq_len: int, head_dim: int) -> float:
         return 8.0 * batch * heads * seq_len * self.num_features * head_dim

@@ -1,149 +1,40 @@
-"""TaylorShift (Nauen et al., ICPR 2024, arXiv 2403.02920): attention with the Taylor polynomial of exp.
+"""TaylorShift (Nauen, Palacio, Dengel, ICPR 2024, arXiv 2403.02920): attention with the Taylor polynomial
+of exp.
 
 Weights are f(x_ij)/Σ_j m_j f(x_ij) with f(x) = c + b·x + a·x² (default the Taylor polynomial of exp) and
 logits x_ij = τ_h·cos(q_i, k_j) (a learned per-head temperature, no 1/√d). The direct mode builds the N×N
 matrix in O(N²d); the efficient mode factorises it through the polynomial kernel in O(N·d³); both compute
 the same function. Outputs are multiplied by √(N_v/d) (N_v = real keys) when ``output_norm`` is on.
+The options are ``TaylorShiftOptions`` (``models.attention.options``), the crossovers between the modes
+``models.attention.crossover`` (re-exported here, where ``lra`` imports them from).
 """
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention.base import Attention, accumulation_dtype, count_real, require
+from models.attention.base import accumulation_dtype, count_real
+from models.attention.crossover import CROSSOVER_TABLE, crossover_n0, crossover_n1, measured_n0  # noqa: F401
+from models.attention.kernels import select_impl
+from models.attention.options import TaylorShiftOptions
 from models.attention.polynomial import (
-    IMPLS,
+    Augmentation,
+    PolynomialAttention,
     augmented_values,
     normalized_poly_attention,
+    normalized_poly_attention_ref,
     poly_readout,
     poly_states,
-    select_impl,
     split_ratio,
 )
 
-MODES = ("direct", "efficient", "auto")
-N0_CHOICES = ("table", "theory")
-# Crossovers N0 measured by ``python -m lra.crossover``: {device kind: {dtype: {head dim: N0}}}. Read once.
-CROSSOVER_TABLE = Path(__file__).with_name("crossover.json")
-_crossover_table: dict[str, Any] | None = None
 _NORM_EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class TaylorShiftOptions:
-    """What TaylorShift computes: validated once, shared by the fast path, the reference and the module.
-
-    Attributes:
-        mode: ``direct | efficient | auto``; ``auto`` runs efficient iff N > n0.
-        n0: ``"table"`` (the crossover measured for the device kind, dtype and d in
-            ``crossover.json``, by ``python -m lra.crossover``; the theory where it has no entry),
-            ``"theory"`` (d² + d + 1, the FLOP break-even) or an int.
-        a, b, c: kernel f(x) = c + b·x + a·x²; a > 0 and c ≥ b²/(4a) keep it positive.
-        output_norm: multiply outputs by √(N_v/d), N_v = real keys (per query when causal). Every model of
-            the paper uses it; the official module defaults it off.
-        normalize_input: L2-normalised q, k times τ, d^(1/4) balancing and 1/N_v value scaling (the paper's
-            section 3.3). ``False`` switches all of it off like the official ``normalize_input=False``
-            (logits q·k/√d, τ unused), for the normalisation ablation.
-        causal: attend to keys j ≤ i only.
-        dropout: attention dropout (training only). Direct drops entries of the normalised N×N matrix,
-            efficient drops entries of S2 = (K⊠K)ᵀV', as the official modes do: two different models.
-        impl: ``auto | torch | triton``, the polynomial kernel of the efficient mode; the direct mode is plain
-            PyTorch matmuls whatever ``impl`` says (and reports ``impl_used='torch'``).
-        tau_init: the module's initial per-head temperature τ (learned, unconstrained); the functions take τ.
-        mask_padding: ``False`` makes the module reproduce the official code, which has no mask: pads enter
-            attention as ordinary tokens and N is the padded length; only their output rows are still zeroed.
-            The functions use the mask they are given.
-    """
-
-    mode: str = "auto"
-    n0: int | str = "table"
-    a: float = 0.5
-    b: float = 1.0
-    c: float = 1.0
-    output_norm: bool = True
-    normalize_input: bool = True
-    causal: bool = False
-    dropout: float = 0.0
-    impl: str = "auto"
-    tau_init: float = 1.0
-    mask_padding: bool = True
-
-    def __post_init__(self) -> None:
-        n0_ok = self.n0 in N0_CHOICES or (type(self.n0) is int and self.n0 >= 0)
-        require(self.mode in MODES, f"taylorshift: unknown mode {self.mode!r}; choose one of {MODES}")
-        require(n0_ok, f"taylorshift: n0 must be one of {N0_CHOICES} or a non-negative int, got {self.n0!r}")
-        require(self.impl in IMPLS, f"taylorshift: unknown impl {self.impl!r}; choose one of {IMPLS}")
-        require(
-            self.impl != "triton" or self.mode != "direct",
-            "taylorshift: impl='triton' selects the kernel of the efficient mode, but mode='direct' never "
-            "uses it; use mode='efficient' or 'auto', or impl='torch'",
-        )
-        require(0.0 <= self.dropout < 1.0, f"taylorshift: dropout must lie in [0, 1), got {self.dropout}")
-        require(
-            not (self.causal and self.dropout > 0 and self.mode == "efficient"),
-            "taylorshift: the efficient mode has no causal dropout; use mode='direct' or dropout=0",
-        )
-        require(
-            self.a > 0 and self.c >= self.b * self.b / (4 * self.a),
-            f"taylorshift: f(x) = c + b·x + a·x² must stay positive, which needs a > 0 and c >= b²/(4a); "
-            f"got a={self.a}, b={self.b}, c={self.c} (defaults a=0.5, b=1, c=1)",
-        )
-
-    def mode_at(
-        self,
-        seq_len: int,
-        head_dim: int,
-        dropout: float = 0.0,
-        device_kind: str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> str:
-        """``direct`` or ``efficient``. ``auto`` runs efficient iff N > n0 (``theory``: d² + d + 1;
-        ``table``: the measured table's entry for the device kind, dtype and d, else the theory), except under
-        causal dropout, which the efficient mode does not have."""
-        if self.mode != "auto":
-            return self.mode
-        if self.n0 == "theory":
-            threshold = crossover_n0(head_dim)
-        elif self.n0 == "table":
-            measured = measured_n0(device_kind, dtype, head_dim)
-            threshold = crossover_n0(head_dim) if measured is None else measured
-        else:
-            threshold = self.n0
-        return "efficient" if seq_len > threshold and not (self.causal and dropout > 0) else "direct"
-
-
-def measured_n0(device_kind: str, dtype: torch.dtype, head_dim: int) -> int | None:
-    """The direct/efficient crossover measured for ``device_kind`` (``cpu``, ``cuda``), the input dtype and
-    d, from ``crossover.json`` beside this module; None where the table has no entry."""
-    global _crossover_table
-    if _crossover_table is None:
-        try:
-            _crossover_table = json.loads(CROSSOVER_TABLE.read_text())
-        except FileNotFoundError:
-            _crossover_table = {}
-    entry = (
-        _crossover_table.get(device_kind, {}).get(str(dtype).removeprefix("torch."), {}).get(str(head_dim))
-    )
-    return None if entry is None else int(entry)
-
-
-def crossover_n0(head_dim: int) -> int:
-    """FLOP break-even N0 = d² + d + 1 between the direct and efficient modes (arXiv 2403.02920), per head."""
-    return head_dim * head_dim + head_dim + 1
-
-
-def crossover_n1(head_dim: int) -> int:
-    """Memory break-even N1, the positive root of 2N² = (d+1)²N + d²(d+1), rounded (arXiv 2403.02920)."""
-    d = head_dim
-    return round((d * d + 2 * d + 1 + math.sqrt(d**4 + 12 * d**3 + 14 * d**2 + 4 * d + 1)) / 4)
 
 
 def _output_scale(mask: Tensor | None, causal: bool, shape: torch.Size, like: Tensor) -> Tensor:
@@ -183,7 +74,7 @@ def _direct(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, opts: TaylorShiftOptions, dropout: float
 ) -> Tensor:
     """X = q̂k̂ᵀ (q, k are q̂, k̂), rows divided by M_i = f(max_j m_j|x_ij|), normalised, dropped out, times V."""
-    acc, a, b, c = q.dtype, opts.a, opts.b, opts.c
+    acc, (a, b, c) = q.dtype, opts.coefficients
     # Matmuls run in the input dtype (tensor cores for bf16); the kernel and the normalisation in fp32.
     x = (q.to(v.dtype) @ k.to(v.dtype).transpose(-1, -2)).to(acc)  # [B, H, N, N]
     allowed = None  # [B | 1, 1, N, N] bool where key j may be attended by query i
@@ -221,27 +112,19 @@ def _efficient(
     ``normalize_input=False`` drops the whole scheme, as the official module does: s = 1 and no 1/N_v.
     """
     acc, (batch, _, seq_len, d) = q.dtype, q.shape
-    scale = _efficient_scale(d, opts)
+    scale = opts.efficient_scale(d)
     n_real = count_real(mask, batch, seq_len, q.device, acc)  # [B, 1, 1, 1]
     # Under causal masking N_v depends on the query, so α cannot sit in V'; the scale is applied afterwards.
     in_values = opts.output_norm and not opts.causal
     alpha = torch.sqrt(d / n_real) if in_values else torch.ones_like(n_real)
     # 1/N_v keeps the sums O(1): without it fp16 sums overflow beyond ~65k tokens.
-    divisor = n_real if opts.normalize_input else None
+    augmentation = Augmentation(alpha, n_real if opts.normalize_input else None, mask)
     coefficients = (opts.a, opts.b * scale**2, opts.c * scale**4)
     if dropout > 0:
         # The official efficient dropout acts on S2 = (K⊠K)ᵀV', denominator column included.
-        v_aug = augmented_values(v.to(acc), alpha, divisor, mask)
-        s0, s1, s2 = poly_states(k, v_aug, coefficients)
+        s0, s1, s2 = poly_states(k, augmented_values(v.to(acc), augmentation), coefficients)
         return split_ratio(poly_readout(q, (s0, s1, F.dropout(s2, p=dropout)), coefficients))
-    return normalized_poly_attention(
-        impl, q, k, v.to(acc), alpha, divisor, mask, coefficients, opts.causal, v.dtype
-    )
-
-
-def _efficient_scale(head_dim: int, opts: TaylorShiftOptions) -> float:
-    """s = d^(1/4), balancing the constant, linear and quadratic terms (1 without input normalisation)."""
-    return head_dim**0.25 if opts.normalize_input else 1.0
+    return normalized_poly_attention(impl, q, k, v.to(acc), augmentation, coefficients, opts.causal, v.dtype)
 
 
 def _taylorshift(
@@ -266,7 +149,7 @@ def _taylorshift(
         )
         # Under autocast the state matmuls would fall back to bf16/fp16; they must stay in fp32.
         with torch.autocast(q.device.type, enabled=False):
-            scale = _efficient_scale(q.shape[-1], opts)
+            scale = opts.efficient_scale(q.shape[-1])
             q_scaled, k_scaled = _logit_factors(q, k, tau, opts.normalize_input, acc, scale)
             out = _efficient(q_scaled, k_scaled, v, mask, opts, dropout, impl)
     # The non-causal efficient mode carries √(N_v/d) in V' (as α); the others scale the output.
@@ -281,12 +164,8 @@ def _reference(
     acc = accumulation_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
         q_hat, k_hat = _logit_factors(q, k, tau, opts.normalize_input, acc)
-        x = q_hat @ k_hat.transpose(-1, -2)
-        real = torch.ones(q.shape[0], q.shape[2], device=q.device) if mask is None else mask
-        weights = (opts.c + opts.b * x + opts.a * x * x) * real.to(acc)[:, None, None, :]
-        if opts.causal:
-            weights = weights.tril()
-        out = weights @ v.to(acc) / weights.sum(dim=-1, keepdim=True)
+        logits = q_hat @ k_hat.transpose(-1, -2)
+        out = normalized_poly_attention_ref(logits, v.to(acc), opts.coefficients, mask, opts.causal)
         if opts.output_norm:
             out = out * _output_scale(mask, opts.causal, q.shape, out)
     return out.to(q.dtype)
@@ -323,7 +202,7 @@ def taylorshift_attention_ref(
     return _reference(q, k, v, tau, mask, TaylorShiftOptions(**options))
 
 
-class TaylorShiftAttention(Attention):
+class TaylorShiftAttention(PolynomialAttention):
     """TaylorShift (Nauen et al., ICPR 2024, arXiv 2403.02920): Taylor-softmax attention, direct or efficient.
 
     ``**options`` are the fields of ``TaylorShiftOptions``. With ``mode='auto'`` and dropout, training pins
@@ -331,19 +210,18 @@ class TaylorShiftAttention(Attention):
     """
 
     name = "taylorshift"
-    supports_causal = True
+    options_class = TaylorShiftOptions
+    options: TaylorShiftOptions
 
     def __init__(
         self, num_heads: int, head_dim: int, max_len: int, causal: bool = False, **options: Any
     ) -> None:
-        super().__init__(num_heads, head_dim, max_len, causal)
-        self.options = TaylorShiftOptions(causal=causal, **options)
+        super().__init__(num_heads, head_dim, max_len, causal, **options)
         # Weights are non-negative and sum to 1; only the √(N_v/d) output scale breaks the convex combination.
         self.is_convex = not self.options.output_norm
         self.tau = nn.Parameter(torch.full((num_heads,), float(self.options.tau_init)))
         self.pinned_mode: str | None = None
         self.mode_used: str | None = None
-        self.impl_used: str | None = None
 
     def key_mask(self, mask: Tensor | None) -> Tensor | None:
         return mask if self.options.mask_padding else None
@@ -353,7 +231,7 @@ class TaylorShiftAttention(Attention):
     ) -> str:
         """The mode that runs at ``seq_len`` on inputs of ``device_kind`` and ``dtype`` (default: those of
         the module's parameters); training with dropout under ``auto`` pins it."""
-        dropout = self.options.dropout if self.training else 0.0
+        dropout = self.dropout_now()
         if self.options.mode == "auto" and dropout > 0 and self.pinned_mode is not None:
             return self.pinned_mode
         device_kind = self.tau.device.type if device_kind is None else device_kind
@@ -364,9 +242,8 @@ class TaylorShiftAttention(Attention):
         return chosen
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        dropout = self.options.dropout if self.training else 0.0
         mode = self._mode_for(q.shape[2], device_kind=q.device.type, dtype=q.dtype)
-        out, self.impl_used = _taylorshift(q, k, v, self.tau, mask, self.options, mode, dropout)
+        out, self.impl_used = _taylorshift(q, k, v, self.tau, mask, self.options, mode, self.dropout_now())
         self.mode_used = mode
         return out
 
@@ -391,12 +268,7 @@ class TaylorShiftAttention(Attention):
         return batch * heads * 4.0 * seq_len * head_dim * (head_dim + 1) ** 2
 
     def log_values(self) -> dict[str, Any]:
-        values: dict[str, Any] = {
-            "mode": self.options.mode,
-            "mode_used": self.mode_used or "unknown",
-            "impl": self.options.impl,
-            "impl_used": self.impl_used or "unknown",
-        }
+        values = {"mode": self.options.mode, "mode_used": self.mode_used or "unknown", **super().log_values()}
         if self.pinned_mode is not None:
             values["mode_pinned"] = self.pinned_mode
         values.update({f"tau_{head}": float(t) for head, t in enumerate(self.tau.detach().cpu())})

@@ -1,4 +1,5 @@
-"""Fastmax: the factorised form against the N×N definition, and the spec 6 properties."""
+"""Fastmax (arXiv 2402.07901): the factorised form against the N×N definition, and the properties every
+attention keeps (padding, batch and head independence, causality, invariances)."""
 
 import pytest
 import torch
@@ -13,14 +14,7 @@ from models.attention.fastmax import (
 )
 from models.attention.polynomial import poly_kernel_attention
 from models.attention.taylorshift import taylorshift_attention
-
-F64 = torch.float64
-D = 4
-
-
-def _inputs(batch, heads, seq_len, dim=D, dtype=F64, seed=42):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, seq_len, dim, generator=gen, dtype=dtype) for _ in range(3)]
+from tests.attention.helpers import F64, D, padded_with_garbage, random_qkv, real_rows, zero_pads
 
 
 def _pad_mask(batch, seq_len):
@@ -31,18 +25,9 @@ def _pad_mask(batch, seq_len):
     return mask
 
 
-def _zero_pads(tensors, mask):
-    keep = mask[:, None, :, None]
-    return [torch.where(keep, t, torch.zeros_like(t)) for t in tensors]
-
-
 def _module(heads=2, dim=D, **kwargs):
     kwargs.setdefault("impl", "torch")
     return FastmaxAttention(num_heads=heads, head_dim=dim, max_len=1 << 20, **kwargs)
-
-
-def _real_rows(out, mask):
-    return out if mask is None else out[mask[:, None, :, None].expand_as(out)]
 
 
 VARIANTS = [
@@ -63,21 +48,21 @@ VARIANTS = [
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}{x}" for k, x in v.items()))
 def test_matches_ref(variant, seq_len, masked, causal):
     mask = _pad_mask(2, seq_len) if masked and seq_len > 3 else None
-    q, k, v = _inputs(2, 3, seq_len)
+    q, k, v = random_qkv(2, 3, seq_len)
     if mask is not None:
-        q, k, v = _zero_pads((q, k, v), mask)
+        q, k, v = zero_pads((q, k, v), mask)
     # The sequence-global maxnorm leaks the future under causal masking (refused by default; see
     # test_global_maxnorm_leaks_the_future), but the fast path must still equal its definition.
     options = {"causal": causal, "allow_global_norm_causal": True, **variant}
     out = fastmax_attention(q, k, v, mask, **options)
     ref = fastmax_attention_ref(q, k, v, mask, **options)
-    torch.testing.assert_close(_real_rows(out, mask), _real_rows(ref, mask), rtol=0, atol=1e-10)
+    torch.testing.assert_close(real_rows(out, mask), real_rows(ref, mask), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("order", [1, 2])
 def test_gradients_match_ref(order):
     mask = _pad_mask(2, 23)
-    inputs = [t.requires_grad_() for t in _zero_pads(_inputs(2, 2, 23), mask)]
+    inputs = [t.requires_grad_() for t in zero_pads(random_qkv(2, 2, 23), mask)]
     weight = torch.randn(2, 2, 23, D, dtype=F64, generator=torch.Generator().manual_seed(1))
     weight = weight * mask[:, None, :, None]
     options = {"order": order, "center": True}
@@ -91,10 +76,10 @@ def test_gradients_match_ref(order):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_gradcheck(causal, normalize):
     mask = torch.tensor([[True] * 7, [False] + [True] * 6])
-    inputs = [t.requires_grad_() for t in _inputs(2, 2, 7, dim=3)]
+    inputs = [t.requires_grad_() for t in random_qkv(2, 2, 7, dim=3)]
 
     def attention(q, k, v):
-        q, k, v = _zero_pads((q, k, v), mask)
+        q, k, v = zero_pads((q, k, v), mask)
         options = {"causal": causal, "normalize": normalize, "allow_global_norm_causal": True}
         return fastmax_attention(q, k, v, mask, center=True, **options)
 
@@ -102,7 +87,7 @@ def test_gradcheck(causal, normalize):
 
 
 def test_detach_norm_changes_only_gradients():
-    q, k, v = [t.requires_grad_() for t in _inputs(1, 2, 15)]
+    q, k, v = [t.requires_grad_() for t in random_qkv(1, 2, 15)]
     outs = [fastmax_attention(q, k, v, detach_norm=detach) for detach in (False, True)]
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
     grads = [torch.autograd.grad(out.square().sum(), q)[0] for out in outs]
@@ -112,11 +97,8 @@ def test_detach_norm_changes_only_gradients():
 @pytest.mark.parametrize("order", [1, 2])
 def test_padding_invariance(order):
     module = _module(order=order, center=True)
-    q, k, v = _inputs(2, 2, 11)
-    garbage = [1e4 * t for t in _inputs(2, 2, 6, seed=7)]
-    padded = [torch.cat([t, g], dim=2) for t, g in zip((q, k, v), garbage, strict=True)]
-    mask = torch.ones(2, 17, dtype=torch.bool)
-    mask[:, 11:] = False
+    q, k, v = random_qkv(2, 2, 11)
+    padded, mask = padded_with_garbage(q, k, v)
     out = module(*padded, mask)
     torch.testing.assert_close(out[:, :, :11], module(q, k, v), rtol=0, atol=1e-12)
     assert (out[:, :, 11:] == 0).all()
@@ -125,7 +107,7 @@ def test_padding_invariance(order):
 def test_batch_and_head_independence():
     """A tensor-global max norm would couple the slices."""
     module = _module(heads=3)
-    q, k, v = _inputs(2, 3, 23)
+    q, k, v = random_qkv(2, 3, 23)
     out = module(q, k, v)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for t in (q2, k2, v2):
@@ -136,7 +118,7 @@ def test_batch_and_head_independence():
 
 
 def _future_leak(module):
-    q, k, v = _inputs(1, 2, 40)
+    q, k, v = random_qkv(1, 2, 40)
     out = module(q, k, v)
     for t in (q, k, v):
         t[:, :, 25:] = 50 * torch.randn_like(t[:, :, 25:])
@@ -156,7 +138,7 @@ def test_global_maxnorm_leaks_the_future():
 
 
 def test_equals_taylorshift_on_unit_norm_inputs():
-    q, k, v = _inputs(2, 3, 33)
+    q, k, v = random_qkv(2, 3, 33)
     tau = torch.ones(3, dtype=F64)
     fastmax = fastmax_attention(q, k, v, order=2, lim=1.0, temperature=1.0)
     taylor = taylorshift_attention(q, k, v, tau, mode="efficient", output_norm=False)
@@ -170,7 +152,7 @@ def test_equals_taylorshift_on_unit_norm_inputs():
 
 def test_invariances():
     module = _module(order=2, center=True)
-    q, k, _ = _inputs(2, 2, 27)
+    q, k, _ = random_qkv(2, 2, 27)
     perm = torch.randperm(27, generator=torch.Generator().manual_seed(3))
     v = torch.randn_like(q)
     out = module(q, k, v)
@@ -183,7 +165,7 @@ def test_invariances():
 
 
 def test_positivity():
-    q, k, _ = _inputs(2, 2, 31)
+    q, k, _ = random_qkv(2, 2, 31)
     mask = _pad_mask(2, 31)
     for lim in (1.0, 0.7):
         q_norm, k_norm = fm._normalize_qk(q, k, mask, FastmaxOptions(lim=lim, center=True))
@@ -200,7 +182,7 @@ def test_positivity():
 @pytest.mark.parametrize("dropout_mode", ["feature", "output_noise"])
 def test_dropout_only_in_training(dropout_mode, order):
     module = _module(order=order, dropout_mode=dropout_mode, dropout=0.3)
-    q, k, v = _inputs(1, 2, 30)
+    q, k, v = random_qkv(1, 2, 30)
     module.eval()
     torch.testing.assert_close(module(q, k, v), module(q, k, v), rtol=0, atol=0)
     torch.testing.assert_close(module(q, k, v), _module(order=order)(q, k, v), rtol=0, atol=0)
@@ -214,7 +196,7 @@ def test_dropout_only_in_training(dropout_mode, order):
 
 
 def test_low_precision():
-    q, k, v = _inputs(1, 2, 4096, dim=8, dtype=torch.float32)
+    q, k, v = random_qkv(1, 2, 4096, dim=8, dtype=torch.float32)
     ref = fastmax_attention(q, k, v)
     for dtype in (torch.bfloat16, torch.float16):
         low = fastmax_attention(q.to(dtype), k.to(dtype), v.to(dtype))
@@ -226,7 +208,7 @@ def test_flops_and_log_values():
     assert _module(order=2).flops(2, 3, 100, D) == 2 * 3 * 4 * 100 * D * (D + 1) ** 2
     assert _module(order=1).flops(2, 3, 100, D) == 2 * 3 * 4 * 100 * D * (D + 1)
     module = _module(impl="auto")
-    module(*_inputs(1, 2, 5, dtype=torch.float32))
+    module(*random_qkv(1, 2, 5, dtype=torch.float32))
     assert module.log_values() == {"impl": "auto", "impl_used": "torch"}
 
 
@@ -254,12 +236,12 @@ def test_rejects_bad_configs(kwargs, message):
 def test_triton_on_cpu_raises(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="impl='triton'"):
-        _module(impl="triton")(*_inputs(1, 2, 5, dtype=torch.float32))
+        _module(impl="triton")(*random_qkv(1, 2, 5, dtype=torch.float32))
 
 
 def test_autocast_keeps_fp32_states():
     """bf16 autocast must not push the state matmuls down to bf16."""
-    q, k, v = _inputs(1, 2, 300, dim=8, dtype=torch.float32)
+    q, k, v = random_qkv(1, 2, 300, dim=8, dtype=torch.float32)
     options = {"causal": True, "normalize": "running_maxnorm", "dropout_mode": "feature", "dropout": 0.2}
     torch.manual_seed(0)
     ref = fastmax_attention(q, k, v, **options)

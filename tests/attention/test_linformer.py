@@ -55,7 +55,7 @@ def test_gradcheck():
 
 
 def test_identity_projection_equals_softmax():
-    """k = N and E = F = I: the projection is a no-op and Linformer is exact softmax (spec 6.14)."""
+    """k = N and E = F = I: the projection is a no-op and Linformer is exact softmax."""
     seq_len = 11
     module = LinformerAttention(2, 8, seq_len, proj_len=seq_len, share="kv").double().eval()
     with torch.no_grad():

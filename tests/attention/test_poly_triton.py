@@ -1,4 +1,4 @@
-"""Fused Triton polynomial-kernel attention against explicit N×N references (spec 6, 7.5).
+"""Fused Triton polynomial-kernel attention against explicit N×N references (docs/kernels.md).
 
 Without CUDA the kernels run in Triton's CPU interpreter (float64 ``tl.dot``), so forward and gradients are
 checked exactly; the bf16 tensor-core path only runs in the ``gpu`` tests (the interpreter multiplies bf16
@@ -179,8 +179,8 @@ def test_bad_inputs_raise(change, error, match):
         poly_kernel_attention_triton(**args)
 
 
-def test_flops_follow_spec_convention():
-    # Spec 7.3: 4·N·d·(d+1)² per head with e = d + 1; spec 7.4: 1.42e11 at B=1, h=8, N=16,384, d=64.
+def test_flops_count_every_feature():
+    # 4·N·d·(d+1)² per head with e = d + 1: 1.42e11 at B=1, h=8, N=16,384, d=64 (docs/kernels.md, cost).
     assert poly_kernel_flops(1, 1, 100, 8, 9) == 4 * 100 * 8 * 9**2
     assert poly_kernel_flops(1, 8, 16384, 64, 65) == pytest.approx(1.42e11, rel=5e-3)
 
@@ -208,13 +208,13 @@ _SM90_COMPILE = textwrap.dedent("""
     cfg = P._make_config(q, v, None, None, None)
     ptr = {"x_ptr": "*bf16", "y_ptr": "*bf16"}
     variants = [
-        (P._poly_state_kernel, {**ptr, "state_ptr": "*fp32", "seq_len": "i32", "head_dim": "i32",
+        (P.poly_state_kernel, {**ptr, "state_ptr": "*fp32", "seq_len": "i32", "head_dim": "i32",
                                 "tiles_per_split": "i32"}, {}, cfg.block_n_state),
     ]
     apply_sig = {**ptr, "state_ptr": "*bf16", "out_ptr": "*bf16", "dx_ptr": "*bf16", "seq_len": "i32",
                  "head_dim": "i32", "value_dim": "i32", "coef_a": "fp32", "coef_b": "fp32", "coef_c": "fp32"}
     for out, dx in [(True, False), (False, True), (True, True)]:
-        variants.append((P._poly_apply_kernel, apply_sig, {"COMPUTE_OUT": out, "COMPUTE_DX": dx},
+        variants.append((P.poly_apply_kernel, apply_sig, {"COMPUTE_OUT": out, "COMPUTE_DX": dx},
                          cfg.block_n_grad if dx else cfg.block_n_out))
     for fn, sig, flags, block_n in variants:
         consts = {**P._kernel_args(torch.bfloat16, cfg, block_n), **flags}
@@ -285,7 +285,8 @@ def test_gpu_matches_fp32_reference(dim, seq_len, dtype):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_extra_memory_is_linear_in_n():
-    # Spec 7.4 (G1): fwd+bwd peak ≤ 150 MB beyond the inputs at B=1, h=8, N=16,384, d=64, bf16.
+    # The memory target of the fused kernel: fwd+bwd peak ≤ 150 MB beyond the inputs at B=1, h=8, N=16,384,
+    # d=64, bf16.
     q, k, v = _taylorshift_like_inputs(1, 8, 16384, 64, torch.bfloat16)
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     grad_out = _grad_out(v)

@@ -1,4 +1,4 @@
-"""The polynomial-kernel primitive: factorised forms against the explicit N×N oracle (spec 6.1, 6.3, 6.7)."""
+"""The polynomial-kernel primitive: factorised forms against the explicit N×N oracle (docs/kernels.md)."""
 
 import os
 import subprocess
@@ -10,7 +10,8 @@ import torch
 from torch.autograd import gradcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.attention import polynomial
+from models.attention import kernels, polynomial
+from models.attention.kernels import poly_torch
 from models.attention.polynomial import poly_kernel_attention, poly_kernel_attention_ref
 
 F64 = torch.float64
@@ -37,7 +38,8 @@ def test_matches_ref(seq_len, a, causal):
 def test_explicit_features_match_default(causal):
     q, k, v = _inputs(1, 2, 37, 3, 4)
     features = polynomial.quadratic_features
-    out = polynomial.run_poly_kernel("torch", q, k, v, (0.5, 1.0, 1.0), causal, F64, features(q), features(k))
+    explicit = (features(q), features(k))
+    out = polynomial.run_poly_kernel("torch", q, k, v, (0.5, 1.0, 1.0), causal, F64, explicit)
     torch.testing.assert_close(
         out, poly_kernel_attention_ref(q, k, v, 0.5, 1.0, 1.0, causal), rtol=1e-12, atol=1e-12
     )
@@ -69,9 +71,9 @@ def test_gradcheck(a, causal):
 
 def test_feature_blocks_match_single_block(monkeypatch):
     """Forward and backward over several N blocks (the memory bound of the non-causal path) are exact."""
-    monkeypatch.setattr(polynomial, "_FEATURE_BLOCK_ELEMENTS", 2 * 9 * 10)
+    monkeypatch.setattr(poly_torch, "FEATURE_BLOCK_ELEMENTS", 2 * 9 * 10)
     q, k, v = _inputs(1, 2, 33, 3, 4, requires_grad=True)
-    assert len(polynomial._row_blocks(q.shape, 9)) == 4
+    assert len(poly_torch._row_blocks(q.shape, 9)) == 4
     out = poly_kernel_attention(q, k, v, 0.5, 1.0, 1.0)
     ref = poly_kernel_attention_ref(q, k, v, 0.5, 1.0, 1.0)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -118,27 +120,27 @@ def test_rejects_bad_shapes():
 
 def test_impl_selection(monkeypatch):
     q = torch.zeros(1, 1, 4, 2)
-    assert polynomial.select_impl("auto", q) == "torch"
-    assert polynomial.select_impl("torch", q) == "torch"
+    assert kernels.select_impl("auto", q) == "torch"
+    assert kernels.select_impl("torch", q) == "torch"
     with pytest.raises(ValueError, match="unknown impl"):
-        polynomial.select_impl("cuda", q)
+        kernels.select_impl("cuda", q)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="impl='triton'"):
-        polynomial.select_impl("triton", q)
+        kernels.select_impl("triton", q)
 
 
 def test_triton_refuses_what_it_cannot_express(monkeypatch):
-    module, why = polynomial._triton_module()
+    module, why = kernels.triton_module()
     if module is None:
         pytest.skip(f"Triton kernel unavailable: {why}")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     q = torch.zeros(1, 1, 4, 2)
-    assert polynomial.select_impl("triton", q) == "triton"
+    assert kernels.select_impl("triton", q) == "triton"
     with pytest.raises(ValueError, match="feature dropout"):
-        polynomial.select_impl("triton", q, torch_only="feature dropout")
+        kernels.select_impl("triton", q, torch_only="feature dropout")
     if not getattr(module, "SUPPORTS_CAUSAL", False):
         with pytest.raises(ValueError, match="causal"):
-            polynomial.select_impl("triton", q, causal=True)
+            kernels.select_impl("triton", q, causal=True)
 
 
 _INTERPRETER_CHECK = """
@@ -167,7 +169,7 @@ for cls, options in ((TaylorShiftAttention, {"mode": "efficient"}), (FastmaxAtte
 @pytest.mark.slow
 def test_modules_run_the_triton_kernel_under_the_interpreter():
     """impl='triton' reaches the kernel and matches torch (subprocess: TRITON_INTERPRET acts at import)."""
-    module, why = polynomial._triton_module()
+    module, why = kernels.triton_module()
     if module is None:
         pytest.skip(f"Triton kernel unavailable: {why}")
     root = Path(__file__).resolve().parents[2]
@@ -185,10 +187,10 @@ def test_modules_run_the_triton_kernel_under_the_interpreter():
 
 def test_row_chunks_within_a_head_match_ref(monkeypatch):
     """The non-causal path cut into row chunks inside each head (long sequences) is exact, with gradients."""
-    monkeypatch.setattr(polynomial, "_FEATURE_BLOCK_ELEMENTS", 5 * 3 * 4)
-    monkeypatch.setattr(polynomial, "_MIN_BLOCK_ROWS", 1)
+    monkeypatch.setattr(poly_torch, "FEATURE_BLOCK_ELEMENTS", 5 * 3 * 4)
+    monkeypatch.setattr(poly_torch, "MIN_BLOCK_ROWS", 1)
     q, k, v = _inputs(2, 2, 23, 3, 4, requires_grad=True)
-    blocks = polynomial._blocks(4, 23, 3 * 4)
+    blocks = poly_torch._blocks(4, 23, 3 * 4)
     assert len(blocks) == 4 * 5 and all(heads.stop - heads.start == 1 for heads, _ in blocks)
     grad_out = torch.randn(2, 2, 23, 4, dtype=F64)
     out = poly_kernel_attention(q, k, v, 0.5, 1.3, 2.0)
@@ -202,7 +204,7 @@ def test_row_chunks_within_a_head_match_ref(monkeypatch):
 
 def test_blocks_group_whole_heads_and_cover_everything():
     for batch_heads, seq_len, width in ((64, 513, 16 * 17), (3, 5000, 16 * 17), (7, 40, 9), (2, 1, 4)):
-        blocks = polynomial._blocks(batch_heads, seq_len, width)
+        blocks = poly_torch._blocks(batch_heads, seq_len, width)
         covered = torch.zeros(batch_heads, seq_len, dtype=torch.int64)
         for heads, rows in blocks:
             covered[heads, rows] += 1
@@ -222,10 +224,9 @@ def test_normalized_fused_path_matches_composition(masked):
     divisor = mask.sum(dim=1, dtype=F64).view(2, 1, 1, 1)
     coefficients = (0.5, 1.1, 1.7)
     mask_arg = mask if masked else None
-    fused = polynomial.normalized_poly_attention(
-        "torch", q, k, v, first, divisor, mask_arg, coefficients, False, F64
-    )
-    v_aug = polynomial.augmented_values(v, first, divisor, mask_arg)
+    augmentation = polynomial.Augmentation(first, divisor, mask_arg)
+    fused = polynomial.normalized_poly_attention("torch", q, k, v, augmentation, coefficients, False, F64)
+    v_aug = polynomial.augmented_values(v, augmentation)
     composed = polynomial.split_ratio(poly_kernel_attention_ref(q, k, v_aug, *coefficients))
     torch.testing.assert_close(fused, composed, rtol=0, atol=1e-12)
     grad_out = torch.randn_like(fused)
@@ -237,9 +238,10 @@ def test_normalized_fused_path_matches_composition(masked):
     small = [t[:, :1, :9].detach().requires_grad_() for t in (q, k, v)]
     small_mask = None if mask_arg is None else mask_arg[:, :9]
     small_divisor = divisor if mask_arg is None else small_mask.sum(dim=1, dtype=F64).view(2, 1, 1, 1)
+    small_augmentation = polynomial.Augmentation(first, small_divisor, small_mask)
     assert gradcheck(
         lambda q, k, v: polynomial.normalized_poly_attention(
-            "torch", q, k, v, first, small_divisor, small_mask, coefficients, False, F64
+            "torch", q, k, v, small_augmentation, coefficients, False, F64
         ),
         small,
         fast_mode=True,
@@ -251,9 +253,8 @@ def test_zero_denominator_rows_get_zero_output_and_finite_gradients():
     q, k, v = _inputs(1, 1, 6, 2, 3, requires_grad=True)
     mask = torch.tensor([[True, True, True, False, False, False]])
     first = torch.ones(1, 1, 1, 1, dtype=F64)
-    out = polynomial.normalized_poly_attention(
-        "torch", q, k, v, first, None, mask & torch.tensor([[False] * 6]), (0.5, 1.0, 1.0), False, F64
-    )
+    augmentation = polynomial.Augmentation(first, None, mask & torch.tensor([[False] * 6]))
+    out = polynomial.normalized_poly_attention("torch", q, k, v, augmentation, (0.5, 1.0, 1.0), False, F64)
     assert bool((out == 0).all())
     out.sum().backward()
     assert all(bool(torch.isfinite(t.grad).all()) for t in (q, k, v))

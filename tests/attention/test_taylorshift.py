@@ -1,4 +1,5 @@
-"""TaylorShift: direct, efficient and auto modes against the N×N definition, and the spec 6 properties."""
+"""TaylorShift (arXiv 2403.02920): direct, efficient and auto modes against the N×N definition, and the
+properties every attention keeps (padding, batch and head independence, causality, invariances)."""
 
 import json
 import math
@@ -7,6 +8,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
+from models.attention import crossover as crossovers
 from models.attention import taylorshift as ts
 from models.attention.polynomial import poly_kernel_attention
 from models.attention.taylorshift import (
@@ -17,15 +19,9 @@ from models.attention.taylorshift import (
     taylorshift_attention,
     taylorshift_attention_ref,
 )
+from tests.attention.helpers import F64, D, padded_with_garbage, random_qkv, real_rows, zero_pads
 
-F64 = torch.float64
-D = 4
 N0 = crossover_n0(D)  # 21
-
-
-def _inputs(batch, heads, seq_len, dim=D, dtype=F64, seed=42):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, seq_len, dim, generator=gen, dtype=dtype) for _ in range(3)]
 
 
 def _tau(heads, seed=0):
@@ -40,18 +36,9 @@ def _pad_mask(batch, seq_len):
     return mask
 
 
-def _zero_pads(tensors, mask):
-    keep = mask[:, None, :, None]
-    return [torch.where(keep, t, torch.zeros_like(t)) for t in tensors]
-
-
 def _module(heads=2, dim=D, **kwargs):
     kwargs.setdefault("impl", "torch")
     return TaylorShiftAttention(num_heads=heads, head_dim=dim, max_len=1 << 20, **kwargs).to(F64)
-
-
-def _real_rows(out, mask):
-    return out if mask is None else out[mask[:, None, :, None].expand_as(out)]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -61,13 +48,13 @@ def _real_rows(out, mask):
 @pytest.mark.parametrize("mode", ["direct", "efficient", "auto"])
 def test_matches_ref(mode, seq_len, output_norm, masked, causal):
     mask = _pad_mask(2, seq_len) if masked else None
-    q, k, v = _inputs(2, 3, seq_len)
+    q, k, v = random_qkv(2, 3, seq_len)
     if masked:
-        q, k, v = _zero_pads((q, k, v), mask)
+        q, k, v = zero_pads((q, k, v), mask)
     tau = _tau(3)
     out = taylorshift_attention(q, k, v, tau, mask, mode=mode, output_norm=output_norm, causal=causal)
     ref = taylorshift_attention_ref(q, k, v, tau, mask, output_norm=output_norm, causal=causal)
-    torch.testing.assert_close(_real_rows(out, mask), _real_rows(ref, mask), rtol=0, atol=1e-10)
+    torch.testing.assert_close(real_rows(out, mask), real_rows(ref, mask), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -79,7 +66,7 @@ def test_efficient_equals_direct_with_gradients(output_norm, causal):
         module = _module(heads=3, mode=mode, output_norm=output_norm, causal=causal)
         with torch.no_grad():
             module.tau.copy_(_tau(3))
-        q, k, v = [t.requires_grad_() for t in _inputs(2, 3, 29)]
+        q, k, v = [t.requires_grad_() for t in random_qkv(2, 3, 29)]
         out = module(q, k, v, mask)
         weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
         grads[mode] = [out, *torch.autograd.grad((out * weight).sum(), (q, k, v, module.tau))]
@@ -90,11 +77,11 @@ def test_efficient_equals_direct_with_gradients(output_norm, causal):
 @pytest.mark.parametrize("mode", ["direct", "efficient"])
 def test_gradcheck(mode):
     mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
-    inputs = [t.requires_grad_() for t in (*_inputs(2, 2, 7, dim=3), _tau(2))]
+    inputs = [t.requires_grad_() for t in (*random_qkv(2, 2, 7, dim=3), _tau(2))]
 
     def attention(q, k, v, tau):
         # Pads are zeroed by a select, as the base class does; a zero vector is a kink of the L2 norm.
-        q, k, v = _zero_pads((q, k, v), mask)
+        q, k, v = zero_pads((q, k, v), mask)
         return taylorshift_attention(q, k, v, tau, mask, mode=mode)
 
     assert gradcheck(attention, inputs, fast_mode=True)
@@ -105,11 +92,8 @@ def test_padding_invariance(mode):
     module = _module(mode=mode)
     with torch.no_grad():
         module.tau.copy_(_tau(2))
-    q, k, v = _inputs(2, 2, 11)
-    garbage = [1e4 * t for t in _inputs(2, 2, 6, seed=7)]
-    padded = [torch.cat([t, g], dim=2) for t, g in zip((q, k, v), garbage, strict=True)]
-    mask = torch.ones(2, 17, dtype=torch.bool)
-    mask[:, 11:] = False
+    q, k, v = random_qkv(2, 2, 11)
+    padded, mask = padded_with_garbage(q, k, v)
     out = module(*padded, mask)
     torch.testing.assert_close(out[:, :, :11], module(q, k, v), rtol=0, atol=1e-12)
     assert (out[:, :, 11:] == 0).all()
@@ -127,7 +111,7 @@ def test_padding_invariance(mode):
 @pytest.mark.parametrize("mode", ["direct", "efficient"])
 def test_constant_values_give_constant_output(mode, output_norm):
     mask = _pad_mask(2, 25)
-    q, k, _ = _inputs(2, 2, 25)
+    q, k, _ = random_qkv(2, 2, 25)
     v = torch.full_like(q, 2.5)
     out = _module(mode=mode, output_norm=output_norm)(q, k, v, mask)
     n_real = mask.sum(dim=1).to(F64)[:, None, None, None]
@@ -139,7 +123,7 @@ def test_constant_values_give_constant_output(mode, output_norm):
 @pytest.mark.parametrize("mode", ["direct", "efficient"])
 def test_batch_and_head_independence(mode):
     module = _module(heads=3, mode=mode)
-    q, k, v = _inputs(2, 3, 23)
+    q, k, v = random_qkv(2, 3, 23)
     out = module(q, k, v)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for t in (q2, k2, v2):
@@ -153,7 +137,7 @@ def test_batch_and_head_independence(mode):
 @pytest.mark.parametrize("mode", ["direct", "efficient"])
 def test_causal_has_no_future_leakage(mode):
     module = _module(mode=mode, causal=True)
-    q, k, v = _inputs(1, 2, 40)
+    q, k, v = random_qkv(1, 2, 40)
     out = module(q, k, v)
     for t in (q, k, v):
         t[:, :, 25:] = 50 * torch.randn_like(t[:, :, 25:])
@@ -163,7 +147,7 @@ def test_causal_has_no_future_leakage(mode):
 @pytest.mark.parametrize("mode", ["direct", "efficient"])
 def test_invariances(mode):
     module = _module(mode=mode)
-    q, k, v = _inputs(2, 2, 27)
+    q, k, v = random_qkv(2, 2, 27)
     out = module(q, k, v)
     scale = torch.rand(2, 2, 27, 1, dtype=F64) * 10 + 0.1
     torch.testing.assert_close(module(q * scale, k, v), out, rtol=0, atol=1e-12)
@@ -177,7 +161,7 @@ def test_invariances(mode):
 def test_scale_bookkeeping():
     """Dropping d^(1/4), 1/N_v and α changes the efficient output only by the explicit √(N_v/d)."""
     mask = _pad_mask(2, 31)
-    q, k, v = _zero_pads(_inputs(2, 3, 31), mask)
+    q, k, v = zero_pads(random_qkv(2, 3, 31), mask)
     tau = _tau(3)
     out = taylorshift_attention(q, k, v, tau, mask, mode="efficient")
     q_hat = torch.nn.functional.normalize(q, dim=-1) * tau.view(1, -1, 1, 1)
@@ -187,15 +171,15 @@ def test_scale_bookkeeping():
     plain = plain[..., 1:] / plain[..., :1]
     n_real = mask.sum(dim=1).to(F64)[:, None, None, None]
     torch.testing.assert_close(
-        _real_rows(out, mask), _real_rows(plain * torch.sqrt(n_real / D), mask), rtol=0, atol=1e-12
+        real_rows(out, mask), real_rows(plain * torch.sqrt(n_real / D), mask), rtol=0, atol=1e-12
     )
     raw = taylorshift_attention(q, k, v, tau, mask, mode="efficient", output_norm=False)
-    torch.testing.assert_close(_real_rows(raw, mask), _real_rows(plain, mask), rtol=0, atol=1e-12)
+    torch.testing.assert_close(real_rows(raw, mask), real_rows(plain, mask), rtol=0, atol=1e-12)
 
 
 def test_non_monotone_branch():
     """With τ > 1 logits reach x < -1 where f decreases; b < 0 makes f(-r) the row maximum."""
-    q, k, v = _inputs(1, 2, 19)
+    q, k, v = random_qkv(1, 2, 19)
     tau = torch.tensor([3.0, 2.0], dtype=F64)
     for coefficients in ({}, {"a": 0.5, "b": -1.0, "c": 1.0}):
         ref = taylorshift_attention_ref(q, k, v, tau, **coefficients)
@@ -213,7 +197,7 @@ def test_crossovers_and_auto_switch():
     assert measured.mode_at(100, D) == "direct" and measured.mode_at(101, D) == "efficient"
     module = _module()
     for seq_len, expected in ((N0, "direct"), (N0 + 1, "efficient")):
-        module(*_inputs(1, 2, seq_len))
+        module(*random_qkv(1, 2, seq_len))
         assert module.log_values()["mode_used"] == expected
 
 
@@ -225,7 +209,7 @@ def test_flops_follow_the_mode():
 
 def test_log_values():
     module = _module(heads=3, tau_init=1.5)
-    module(*_inputs(1, 3, 9))
+    module(*random_qkv(1, 3, 9))
     values = module.log_values()
     assert values["impl_used"] == "torch" and values["mode_used"] == "direct"
     assert [values[f"tau_{h}"] for h in range(3)] == [1.5, 1.5, 1.5]
@@ -235,7 +219,7 @@ def test_log_values():
 def test_dropout_only_in_training(mode):
     module = _module(mode=mode, dropout=0.3)
     reference = _module(mode=mode)
-    q, k, v = _inputs(1, 2, 30)
+    q, k, v = random_qkv(1, 2, 30)
     module.eval()
     torch.testing.assert_close(module(q, k, v), module(q, k, v), rtol=0, atol=0)
     torch.testing.assert_close(module(q, k, v), reference(q, k, v), rtol=0, atol=0)
@@ -246,12 +230,12 @@ def test_dropout_only_in_training(mode):
     if mode == "auto":
         assert module.log_values()["mode_pinned"] == "efficient"
         # A shorter batch would switch modes; the pinned one keeps running in training.
-        module(*_inputs(1, 2, 10))
+        module(*random_qkv(1, 2, 10))
         assert module.log_values()["mode_used"] == "efficient"
 
 
 def test_bf16_efficient_matches_fp32():
-    q, k, v = _inputs(1, 2, 4096, dim=8, dtype=torch.float32)
+    q, k, v = random_qkv(1, 2, 4096, dim=8, dtype=torch.float32)
     tau = torch.ones(2)
     ref = taylorshift_attention(q, k, v, tau, mode="efficient")
     low = taylorshift_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), tau, mode="efficient")
@@ -262,7 +246,7 @@ def test_bf16_efficient_matches_fp32():
 def test_fp16_needs_the_value_normalisation():
     """At N = 100k a V' sum in fp16 overflows without 1/N_v; the module's efficient mode stays finite."""
     seq_len, dim = 100_000, 8
-    q, k, v = _inputs(1, 1, seq_len, dim=dim, dtype=torch.float32)
+    q, k, v = random_qkv(1, 1, seq_len, dim=dim, dtype=torch.float32)
     tau = torch.ones(1)
     ref = taylorshift_attention(q, k, v, tau, mode="efficient")
     half = taylorshift_attention(q.half(), k.half(), v.half(), tau, mode="efficient")
@@ -279,7 +263,7 @@ def test_fp16_needs_the_value_normalisation():
 
 
 def test_low_precision_dtypes_follow_input():
-    q, k, v = _inputs(1, 2, 40)
+    q, k, v = random_qkv(1, 2, 40)
     tau = torch.ones(2)
     ref = taylorshift_attention(q, k, v, tau, mode="efficient")
     for dtype, tolerance in ((torch.float32, 5e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)):
@@ -309,16 +293,16 @@ def test_rejects_bad_configs(kwargs, message):
 
 def test_impl_auto_and_triton_on_cpu(monkeypatch):
     module = _module(impl="auto", mode="efficient")
-    module(*_inputs(1, 2, 9))
+    module(*random_qkv(1, 2, 9))
     assert module.log_values()["impl_used"] == "torch"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="impl='triton'"):
-        _module(impl="triton", mode="efficient")(*_inputs(1, 2, 9))
+        _module(impl="triton", mode="efficient")(*random_qkv(1, 2, 9))
 
 
 def test_efficient_dropout_acts_on_the_state():
     """Training dropout in the efficient mode drops S2 entries, denominator column included."""
-    q, k, v = _inputs(1, 1, 30)
+    q, k, v = random_qkv(1, 1, 30)
     tau = torch.ones(1, dtype=F64)
     torch.manual_seed(5)
     dropped = taylorshift_attention(q, k, v, tau, mode="efficient", dropout=0.5)
@@ -341,7 +325,7 @@ def test_efficient_dropout_acts_on_the_state():
 
 def test_autocast_keeps_fp32_states():
     """bf16 autocast must not push the efficient-mode state matmuls down to bf16."""
-    q, k, v = _inputs(1, 2, 300, dim=8, dtype=torch.float32)
+    q, k, v = random_qkv(1, 2, 300, dim=8, dtype=torch.float32)
     tau = torch.ones(2)
     ref = taylorshift_attention(q, k, v, tau, mode="efficient", causal=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -352,7 +336,7 @@ def test_autocast_keeps_fp32_states():
 
 def test_auto_uses_the_measured_crossover_table(monkeypatch):
     """n0='table' (the default) switches at the table's N0 for the device kind, dtype and d, else theory."""
-    monkeypatch.setattr(ts, "_crossover_table", {"cpu": {"float32": {"4": 7}}})
+    monkeypatch.setattr(crossovers, "_crossover_table", {"cpu": {"float32": {"4": 7}}})
     options = TaylorShiftOptions()
     assert options.n0 == "table"
     assert options.mode_at(7, D, device_kind="cpu", dtype=torch.float32) == "direct"
@@ -367,14 +351,14 @@ def test_auto_uses_the_measured_crossover_table(monkeypatch):
     assert TaylorShiftOptions(n0=3).mode_at(4, D, device_kind="cpu", dtype=torch.float32) == "efficient"
     # The module asks with its inputs' device and dtype.
     module = _module()
-    module(*_inputs(1, 2, 8, dtype=torch.float32))
+    module(*random_qkv(1, 2, 8, dtype=torch.float32))
     assert module.log_values()["mode_used"] == "efficient"
-    module(*_inputs(1, 2, 8))
+    module(*random_qkv(1, 2, 8))
     assert module.log_values()["mode_used"] == "direct"
 
 
 def test_committed_crossover_table_is_well_formed():
-    table = json.loads(ts.CROSSOVER_TABLE.read_text())
+    table = json.loads(crossovers.CROSSOVER_TABLE.read_text())
     assert table, "models/attention/crossover.json holds no measurement"
     for kind, by_dtype in table.items():
         assert kind in ("cpu", "cuda")
@@ -382,7 +366,7 @@ def test_committed_crossover_table_is_well_formed():
             assert isinstance(getattr(torch, dtype_name), torch.dtype)
             for dim, n0 in by_dim.items():
                 assert int(dim) >= 1 and type(n0) is int and n0 >= 0
-                assert ts.measured_n0(kind, getattr(torch, dtype_name), int(dim)) == n0
+                assert crossovers.measured_n0(kind, getattr(torch, dtype_name), int(dim)) == n0
 
 
 def test_crossover_script_measures_and_merges(tmp_path):

@@ -1,1 +1,96 @@
-"""Fused Triton kernels for attention fast paths; each has a plain PyTorch reference beside its caller."""
+"""Fused Triton kernels for attention fast paths, and the choice between them and the PyTorch paths.
+
+Each kernel has a plain PyTorch reference beside its caller. Triton is imported lazily, so the project imports
+(and runs its PyTorch paths) without it. How the polynomial kernel works: ``docs/kernels.md``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+IMPLS = ("auto", "torch", "triton")
+_TRITON_MODULE = "models.attention.kernels.poly_triton"
+_TRITON_FUNCTION = "poly_kernel_attention_triton"
+_triton_state: tuple[ModuleType | None, str] | None = None
+
+
+def triton_module() -> tuple[ModuleType | None, str]:
+    """The polynomial Triton kernel module, or None and the reason it cannot be used.
+
+    Cached in a module global (not ``functools.lru_cache``, which torch.compile does not honour).
+    """
+    global _triton_state
+    if _triton_state is None:
+        _triton_state = _load_triton_module()
+    return _triton_state
+
+
+@torch.compiler.disable
+def _load_triton_module() -> tuple[ModuleType | None, str]:
+    try:
+        importlib.import_module("triton")
+    except ImportError as err:
+        return None, f"triton is not installed ({err})"
+    try:
+        module = importlib.import_module(_TRITON_MODULE)
+    except ImportError as err:
+        return None, f"the kernel module {_TRITON_MODULE} cannot be imported ({err})"
+    if not callable(getattr(module, _TRITON_FUNCTION, None)):
+        return None, f"{_TRITON_MODULE} defines no {_TRITON_FUNCTION}"
+    return module, ""
+
+
+def select_impl(impl: str, q: Tensor, causal: bool = False, torch_only: str | None = None) -> str:
+    """Resolve ``auto | torch | triton`` to the implementation that runs: ``"torch"`` or ``"triton"``.
+
+    ``torch_only`` names a feature of this call that the kernel cannot express (e.g. feature dropout);
+    ``auto`` then falls back to torch, while an explicit ``triton`` raises. The kernel runs causal inputs
+    only if its module sets ``SUPPORTS_CAUSAL = True``.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
+    if impl == "torch" or (impl == "auto" and not q.is_cuda):
+        return "torch"
+    module, why = triton_module()
+    if torch_only is None and causal and module is not None and not getattr(module, "SUPPORTS_CAUSAL", False):
+        torch_only = "causal attention (the kernel module does not set SUPPORTS_CAUSAL = True)"
+    if impl == "auto":
+        return "triton" if module is not None and torch_only is None else "torch"
+    if module is None:
+        raise RuntimeError(f"impl='triton' is unavailable: {why}. Use impl='torch' or impl='auto'.")
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"impl='triton' needs CUDA tensors, got device {q.device}; use impl='torch', "
+            "or set TRITON_INTERPRET=1 to run the kernel in Triton's CPU interpreter"
+        )
+    if torch_only is not None:
+        raise ValueError(
+            f"impl='triton' cannot run {torch_only}; use impl='auto' (falls back to torch for "
+            "this case) or impl='torch'"
+        )
+    return "triton"
+
+
+def run_triton_poly_kernel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    coefficients: tuple[float, float, float],
+    causal: bool,
+    model_dtype: torch.dtype,
+) -> Tensor:
+    """The fused polynomial kernel on q, k, v held in the accumulation dtype; returns that dtype.
+
+    The kernel reads operands in the model dtype (bf16 tensor cores), except fp16: V' = [α·1, V]/N_v drops
+    below fp16's normal range at long N, and the kernel uses fp32 operands for fp16 anyway, so fp16 models
+    hand it fp32.
+    """
+    module, _ = triton_module()
+    dtype = torch.float32 if model_dtype == torch.float16 else model_dtype
+    kernel = getattr(module, _TRITON_FUNCTION)
+    return kernel(q.to(dtype), k.to(dtype), v.to(dtype), *coefficients, causal=causal).to(q.dtype)

@@ -1,67 +1,10 @@
-"""Fused Triton kernels (forward, backward) for second-order polynomial ("Taylor-softmax") linear attention.
+"""Fused Triton second-order polynomial ("Taylor-softmax") linear attention, forward and backward.
 
-The primitive, per (batch, head), non-causal and unnormalised::
-
-    out_i = Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) · v_j        q, k: [N, d]    v: [N, e]
-
-Callers (TaylorShift, Fastmax) pass already-normalised q, k and the augmented V' = [α·1, V] whose padded rows
-are zero, so masking and the normaliser are encoded in v and the kernels need no mask. With
-φ(x) = [√c, √b·x, √a·vec(x xᵀ)] this is φ(Q)(φ(K)ᵀV); φ never goes to HBM (spec section 7.5).
-
-State layout, per head: R = d² + d + 1 rows of E_PAD ≥ e columns (zero beyond e). Row α·d + β holds
-S2[αβ] = Σ_j k_jα k_jβ v_j, row d² + β holds S1[β] = Σ_j k_jβ v_j, row d² + d holds S0 = Σ_j v_j. The
-coefficients (a, b, c) are applied when a state is used, never stored in it.
-
-Two kernels serve both passes:
-
-* ``_poly_state_kernel(x, y) -> T = Σ_n [x_n⊗x_n, x_n, 1]ᵀ y_n``. Grid (B·H, ⌈d/BLOCK_A⌉ + 1, n_split).
-  Program (bh, r, s) owns BLOCK_A·D_PAD quadratic features (rows α ∈ [r·BLOCK_A, (r+1)·BLOCK_A), every β;
-  128 features by default), or, for the last r, the linear and constant rows. It streams its share of N in
-  BLOCK_N tiles, builds the feature tile on chip as the outer product of BLOCK_A columns of the x tile with
-  the whole tile, and accumulates featᵀ·y with MMAs into fp32 registers. Splits over N (n_split > 1 only when
-  B·H·(⌈d/BLOCK_A⌉ + 1) programs cannot fill the GPU) are summed on the host: deterministic, no atomics.
-* ``_poly_apply_kernel(x, y, T)``. Grid (B·H, ⌈N/BLOCK_N⌉). Each program loads its x (and y) tile once and
-  streams the state in blocks of BLOCK_A·D_PAD rows:
-
-  - OUT: o_n = a·φ₂(x_n)·T2 + b·x_n·T1 + c·T0;
-  - DX:  dx_n = a·(G_n + G_nᵀ)·x_n + b·T1·y_n, with G_n[α, β] = T2[αβ]·y_n, i.e. dφ contracted on chip
-    (G is one MMA per state block; both of its contractions with x are register reductions).
-
-Forward: S = state(k, v); out = apply[OUT](q, S).
-Backward: D = state(q, dout); dq = apply[DX](q, dout, S); (dv, dk) = apply[OUT, DX](k, v, D), one pass
-over the key tiles, since dv_j = a·φ₂(k_j)·D2 + b·k_j·D1 + c·D0 and dk_j = a·(G + Gᵀ)·k_j + b·D1·v_j with G
-from D2.
-Saved for backward: q, k, the padded V' and S (R×E_PAD per head in the MMA operand dtype, 0.67 MB per head
-at d = 64 in bf16); never an N×d² tensor. Extra memory is O(B·H·(N·(d + e) + d²·e)).
-
-Tiling (defaults in ``_DEFAULT_TILES``):
-
-* D_PAD = max(16, next_pow2(d)) with masks, since MMA operands need extents ≥ 16.
-* The value width is a power-of-two main part plus a tail of ≥ 16 (e = 65 → 64 + 16 = E_PAD = 80, not 128),
-  so the ones column of V' costs 25%, not 100%. v and dout are zero-padded to E_PAD on the host (one O(N·e)
-  copy) and the state rows are E_PAD wide: every row is then 16-byte aligned, which the compiler needs to
-  turn the tile loads into pipelined async copies.
-* bf16: 128 quadratic features per block (BLOCK_A = 128 // D_PAD), BLOCK_N = 64 for the state kernel (the
-  MMA reduction extent), 128 for the forward apply (halves the state re-reads) and 64 for the apply variants
-  that form dx (more live registers); 8 warps, 2 stages. Chosen from sm_90 compiles of every variant for
-  d ∈ {16, 32, 64, 128} (wgmma MMAs, async-copy pipelining, no register spills for d ≤ 64; 192 bytes of
-  spill in the d = 128 dk/dv variant), not from timings: nothing here has been timed.
-
-Precision: features are formed in fp32 from the loaded tiles and rounded once to the MMA operand dtype;
-accumulation is fp32 (fp64 for fp64 inputs); outputs and gradients are returned in the input dtype.
-bf16 uses bf16 operands (the fast path); fp16 uses fp32 operands (tf32), because state sums can leave the
-fp16 range; fp32 uses IEEE fp32 (exact but FMA-based, a precision path); fp64 uses fp64 (the interpreter
-tests).
-
-Cost per head, F = d² + d + 1 features: forward 2·N·F·e (state) + 2·N·F·e (apply) ≈ 4·N·d·(d+1)·e, the
-spec's 4Nd(d+1)² for e = d+1 (see ``poly_kernel_flops``); backward ≈ 8·N·F·e (state of dout, dq, dv, dk),
-so forward + backward ≈ 3× forward. HBM traffic is O(N·(d+e)) per head plus the state, so the kernels are
-compute-bound (intensity ~ (d+1)²/2 FLOP/byte). The re-reads are served by L2: each K/V' tile is read by the
-⌈d/BLOCK_A⌉ + 1 feature programs of its head, and each N tile reads the whole state. At the anchor shape
-(N = 16k, d = 64, h = 8, bf16) that is ≈ 1.25 GB (state kernel), 0.68 GB (forward apply) and 1.36 GB (each
-dx apply) of L2 reads against 1.42e11 forward FLOPs, so BLOCK_A and BLOCK_N are the first knobs to tune.
-
-Causal masking is not implemented (spec 7.5: out of scope for G1); ``causal=True`` raises.
+Per (batch, head), non-causal and unnormalised: out_i = Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) · v_j, computed
+as φ(Q)(φ(K)ᵀV) with the features φ formed on chip. Callers pass normalised q, k and the augmented V' whose
+padded rows are zero, so the kernels need no mask. This module is the host side (tiles, launches, autograd);
+the kernels themselves are in ``poly_triton_jit``. How the two kernels (state, apply) split the work, the
+state layout, the tiling, the precision per dtype and the cost: ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -73,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from models.attention.kernels.poly_triton_jit import poly_apply_kernel, poly_state_kernel
+
 try:
     import triton
     import triton.language as tl
@@ -82,7 +27,7 @@ except ImportError:  # the module must import on machines without Triton; callin
 
 __all__ = ["SUPPORTS_CAUSAL", "poly_kernel_attention_triton", "poly_kernel_flops"]
 
-# Read by models/attention/polynomial.py to route causal calls to its PyTorch path.
+# Read by models.attention.kernels.select_impl, which routes causal calls to the PyTorch path.
 SUPPORTS_CAUSAL = False
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -93,289 +38,13 @@ _FEATURES_PER_BLOCK = 128
 
 
 def poly_kernel_flops(batch: int, heads: int, seq_len: int, head_dim: int, value_dim: int) -> float:
-    """Forward matmul FLOPs of the factorised kernel (spec 7.3 convention, full features).
+    """Forward matmul FLOPs of the factorised kernel (2 per multiply-add, full features).
 
     4·N·d·(d+1)·e per head: the state and the apply pass each cost 2·N·e per feature, counting the d² + d
-    quadratic and linear features (the constant one is negligible). With e = d+1 this is the spec's
-    4·N·d·(d+1)². Forward + backward ≈ 3× this.
+    quadratic and linear features (the constant one is negligible). With e = d+1 this is the
+    4·N·d·(d+1)² of ``TaylorShiftAttention.flops``. Forward + backward ≈ 3× this.
     """
     return 4.0 * batch * heads * seq_len * head_dim * (head_dim + 1) * value_dim
-
-
-if triton is not None:
-
-    @triton.jit
-    def _poly_state_kernel(
-        x_ptr,
-        y_ptr,
-        state_ptr,
-        seq_len,
-        head_dim,
-        tiles_per_split,
-        D_PAD: tl.constexpr,
-        BLOCK_A: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        E_MAIN: tl.constexpr,
-        E_TAIL: tl.constexpr,
-        HAS_TAIL: tl.constexpr,
-        E_PAD: tl.constexpr,
-        ACC_DTYPE: tl.constexpr,
-        OP_DTYPE: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
-    ):
-        """Partial state T[bh, split] = Σ_{n in split} [x_n⊗x_n, x_n, 1]ᵀ y_n, rows as in the module doc.
-
-        x: [BH, N, d]; y: [BH, N, E_PAD], zero beyond the value width; state: [BH, n_split, d² + d + 1, E_PAD]
-        in ACC_DTYPE. E_PAD (a multiple of 16) keeps every row 16-byte aligned for vector and async loads.
-        """
-        pid_bh = tl.program_id(0).to(tl.int64)
-        pid_r = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        n_rows = head_dim * head_dim + head_dim + 1
-        x_ptr += pid_bh * seq_len * head_dim
-        y_ptr += pid_bh * seq_len * E_PAD
-        state_ptr += (pid_bh * tl.num_programs(2) + pid_s) * n_rows * E_PAD
-
-        offs_d = tl.arange(0, D_PAD)
-        offs_em = tl.arange(0, E_MAIN)
-        offs_et = E_MAIN + tl.arange(0, E_TAIL)
-        offs_tile = tl.arange(0, BLOCK_N)
-        d_ok = offs_d < head_dim
-        tile_start = pid_s * tiles_per_split
-        tile_stop = tl.minimum(tile_start + tiles_per_split, tl.cdiv(seq_len, BLOCK_N))
-
-        if pid_r < tl.cdiv(head_dim, BLOCK_A):
-            # Quadratic rows α·d + β for α in this program's block.
-            offs_a = pid_r * BLOCK_A + tl.arange(0, BLOCK_A)
-            a_ok = offs_a < head_dim
-            acc_m = tl.zeros((BLOCK_A * D_PAD, E_MAIN), dtype=ACC_DTYPE)
-            acc_t = tl.zeros((BLOCK_A * D_PAD, E_TAIL), dtype=ACC_DTYPE)
-            for tile in range(tile_start, tile_stop):
-                offs_n = tile * BLOCK_N + offs_tile
-                n_ok = offs_n < seq_len
-                x = tl.load(
-                    x_ptr + offs_n[:, None] * head_dim + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0,
-                ).to(ACC_DTYPE)
-                # The BLOCK_A columns come from L1 (the same tile was just loaded), not from registers.
-                x_a = tl.load(
-                    x_ptr + offs_n[:, None] * head_dim + offs_a[None, :],
-                    mask=n_ok[:, None] & a_ok[None, :],
-                    other=0.0,
-                ).to(ACC_DTYPE)
-                feat = tl.reshape(x_a[:, :, None] * x[:, None, :], (BLOCK_N, BLOCK_A * D_PAD))
-                feat_t = tl.trans(feat.to(OP_DTYPE))
-                y_m = tl.load(
-                    y_ptr + offs_n[:, None] * E_PAD + offs_em[None, :], mask=n_ok[:, None], other=0.0
-                )
-                acc_m = tl.dot(
-                    feat_t, y_m.to(OP_DTYPE), acc_m, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE
-                )
-                if HAS_TAIL:
-                    y_t = tl.load(
-                        y_ptr + offs_n[:, None] * E_PAD + offs_et[None, :], mask=n_ok[:, None], other=0.0
-                    )
-                    acc_t = tl.dot(
-                        feat_t, y_t.to(OP_DTYPE), acc_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE
-                    )
-            offs_f = tl.arange(0, BLOCK_A * D_PAD)
-            alpha = pid_r * BLOCK_A + offs_f // D_PAD
-            beta = offs_f % D_PAD
-            quad_rows = alpha * head_dim + beta
-            row_ok = (alpha < head_dim) & (beta < head_dim)
-            tl.store(state_ptr + quad_rows[:, None] * E_PAD + offs_em[None, :], acc_m, mask=row_ok[:, None])
-            if HAS_TAIL:
-                tl.store(
-                    state_ptr + quad_rows[:, None] * E_PAD + offs_et[None, :], acc_t, mask=row_ok[:, None]
-                )
-        else:
-            # Linear rows d² + β and the constant row d² + d.
-            lin_acc_m = tl.zeros((D_PAD, E_MAIN), dtype=ACC_DTYPE)
-            lin_acc_t = tl.zeros((D_PAD, E_TAIL), dtype=ACC_DTYPE)
-            const_m = tl.zeros((E_MAIN,), dtype=ACC_DTYPE)
-            const_t = tl.zeros((E_TAIL,), dtype=ACC_DTYPE)
-            for tile in range(tile_start, tile_stop):
-                offs_n = tile * BLOCK_N + offs_tile
-                n_ok = offs_n < seq_len
-                x_t = tl.trans(
-                    tl.load(
-                        x_ptr + offs_n[:, None] * head_dim + offs_d[None, :],
-                        mask=n_ok[:, None] & d_ok[None, :],
-                        other=0.0,
-                    ).to(OP_DTYPE)
-                )
-                y_lin_m = tl.load(
-                    y_ptr + offs_n[:, None] * E_PAD + offs_em[None, :], mask=n_ok[:, None], other=0.0
-                )
-                lin_acc_m = tl.dot(
-                    x_t, y_lin_m.to(OP_DTYPE), lin_acc_m, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE
-                )
-                const_m += tl.sum(y_lin_m.to(ACC_DTYPE), axis=0)
-                if HAS_TAIL:
-                    y_lin_t = tl.load(
-                        y_ptr + offs_n[:, None] * E_PAD + offs_et[None, :], mask=n_ok[:, None], other=0.0
-                    )
-                    lin_acc_t = tl.dot(
-                        x_t,
-                        y_lin_t.to(OP_DTYPE),
-                        lin_acc_t,
-                        input_precision=INPUT_PRECISION,
-                        out_dtype=ACC_DTYPE,
-                    )
-                    const_t += tl.sum(y_lin_t.to(ACC_DTYPE), axis=0)
-            lin_rows = head_dim * head_dim + offs_d
-            const_row = head_dim * head_dim + head_dim
-            tl.store(state_ptr + lin_rows[:, None] * E_PAD + offs_em[None, :], lin_acc_m, mask=d_ok[:, None])
-            tl.store(state_ptr + const_row * E_PAD + offs_em, const_m)
-            if HAS_TAIL:
-                tl.store(
-                    state_ptr + lin_rows[:, None] * E_PAD + offs_et[None, :], lin_acc_t, mask=d_ok[:, None]
-                )
-                tl.store(state_ptr + const_row * E_PAD + offs_et, const_t)
-
-    @triton.jit
-    def _poly_apply_kernel(
-        x_ptr,
-        y_ptr,
-        state_ptr,
-        out_ptr,
-        dx_ptr,
-        seq_len,
-        head_dim,
-        value_dim,
-        coef_a,
-        coef_b,
-        coef_c,
-        D_PAD: tl.constexpr,
-        BLOCK_A: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        E_MAIN: tl.constexpr,
-        E_TAIL: tl.constexpr,
-        HAS_TAIL: tl.constexpr,
-        E_PAD: tl.constexpr,
-        COMPUTE_OUT: tl.constexpr,
-        COMPUTE_DX: tl.constexpr,
-        ACC_DTYPE: tl.constexpr,
-        OP_DTYPE: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr,
-    ):
-        """For one N tile: OUT o = a·φ₂(x)·T2 + b·x·T1 + c·T0 and/or DX dx = a·(G + Gᵀ)x + b·y·T1ᵀ.
-
-        x: [BH, N, d]; y: [BH, N, E_PAD] (read only for DX); state: [BH, d² + d + 1, E_PAD] in OP_DTYPE;
-        out: [BH, N, value_dim]; dx: [BH, N, d]; G_n[α, β] = T2[αβ]·y_n.
-        """
-        pid_bh = tl.program_id(0).to(tl.int64)
-        pid_n = tl.program_id(1)
-        n_rows = head_dim * head_dim + head_dim + 1
-        x_ptr += pid_bh * seq_len * head_dim
-        y_ptr += pid_bh * seq_len * E_PAD
-        out_ptr += pid_bh * seq_len * value_dim
-        dx_ptr += pid_bh * seq_len * head_dim
-        state_ptr += pid_bh * n_rows * E_PAD
-
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < seq_len
-        offs_d = tl.arange(0, D_PAD)
-        d_ok = offs_d < head_dim
-        offs_em = tl.arange(0, E_MAIN)
-        offs_et = E_MAIN + tl.arange(0, E_TAIL)
-        offs_f = tl.arange(0, BLOCK_A * D_PAD)
-        f_alpha = offs_f // D_PAD
-        f_beta = offs_f % D_PAD
-
-        x = tl.load(
-            x_ptr + offs_n[:, None] * head_dim + offs_d[None, :],
-            mask=n_ok[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(ACC_DTYPE)
-        y_m = tl.zeros((BLOCK_N, E_MAIN), dtype=OP_DTYPE)
-        y_t = tl.zeros((BLOCK_N, E_TAIL), dtype=OP_DTYPE)
-        if COMPUTE_DX:
-            y_m = tl.load(
-                y_ptr + offs_n[:, None] * E_PAD + offs_em[None, :], mask=n_ok[:, None], other=0.0
-            ).to(OP_DTYPE)
-            if HAS_TAIL:
-                y_t = tl.load(
-                    y_ptr + offs_n[:, None] * E_PAD + offs_et[None, :], mask=n_ok[:, None], other=0.0
-                ).to(OP_DTYPE)
-        out_m = tl.zeros((BLOCK_N, E_MAIN), dtype=ACC_DTYPE)
-        out_t = tl.zeros((BLOCK_N, E_TAIL), dtype=ACC_DTYPE)
-        dx = tl.zeros((BLOCK_N, D_PAD), dtype=ACC_DTYPE)
-
-        for alpha0 in range(0, head_dim, BLOCK_A):
-            offs_a = alpha0 + tl.arange(0, BLOCK_A)
-            x_a = tl.load(
-                x_ptr + offs_n[:, None] * head_dim + offs_a[None, :],
-                mask=n_ok[:, None] & (offs_a[None, :] < head_dim),
-                other=0.0,
-            ).to(ACC_DTYPE)
-            rows = (alpha0 + f_alpha) * head_dim + f_beta
-            row_ok = (alpha0 + f_alpha < head_dim) & (f_beta < head_dim)
-            t_m = tl.load(
-                state_ptr + rows[:, None] * E_PAD + offs_em[None, :], mask=row_ok[:, None], other=0.0
-            )
-            t_t = tl.zeros((BLOCK_A * D_PAD, E_TAIL), dtype=OP_DTYPE)
-            if HAS_TAIL:
-                t_t = tl.load(
-                    state_ptr + rows[:, None] * E_PAD + offs_et[None, :], mask=row_ok[:, None], other=0.0
-                )
-            if COMPUTE_OUT:
-                feat = tl.reshape(x_a[:, :, None] * x[:, None, :], (BLOCK_N, BLOCK_A * D_PAD)).to(OP_DTYPE)
-                out_m = tl.dot(feat, t_m, out_m, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                if HAS_TAIL:
-                    out_t = tl.dot(feat, t_t, out_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if COMPUTE_DX:
-                g = tl.dot(y_m, tl.trans(t_m), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                if HAS_TAIL:
-                    g = tl.dot(y_t, tl.trans(t_t), g, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                g = tl.reshape(g, (BLOCK_N, BLOCK_A, D_PAD))
-                # (Gᵀx)_β = Σ_α x_α G[α, β] covers every β; (Gx)_α lands only on this block's α columns,
-                # which a one-hot [BLOCK_A, D_PAD] scatters into the register tile.
-                dx += tl.sum(x_a[:, :, None] * g, axis=1)
-                g_x = tl.sum(g * x[:, None, :], axis=2)
-                one_hot = (offs_a[:, None] == offs_d[None, :]).to(ACC_DTYPE)
-                dx += tl.sum(g_x[:, :, None] * one_hot[None, :, :], axis=1)
-
-        lin_rows = head_dim * head_dim + offs_d
-        const_row = head_dim * head_dim + head_dim
-        t1_m = tl.load(
-            state_ptr + lin_rows[:, None] * E_PAD + offs_em[None, :], mask=d_ok[:, None], other=0.0
-        )
-        t1_t = tl.zeros((D_PAD, E_TAIL), dtype=OP_DTYPE)
-        if HAS_TAIL:
-            t1_t = tl.load(
-                state_ptr + lin_rows[:, None] * E_PAD + offs_et[None, :], mask=d_ok[:, None], other=0.0
-            )
-        if COMPUTE_OUT:
-            x_op = x.to(OP_DTYPE)
-            t0_m = tl.load(state_ptr + const_row * E_PAD + offs_em).to(ACC_DTYPE)
-            lin_m = tl.dot(x_op, t1_m, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            out_m = coef_a * out_m + coef_b * lin_m + coef_c * t0_m[None, :]
-            tl.store(
-                out_ptr + offs_n[:, None] * value_dim + offs_em[None, :],
-                out_m.to(out_ptr.dtype.element_ty),
-                mask=n_ok[:, None] & (offs_em[None, :] < value_dim),
-            )
-            if HAS_TAIL:
-                t0_t = tl.load(state_ptr + const_row * E_PAD + offs_et).to(ACC_DTYPE)
-                lin_t = tl.dot(x_op, t1_t, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-                out_t = coef_a * out_t + coef_b * lin_t + coef_c * t0_t[None, :]
-                tl.store(
-                    out_ptr + offs_n[:, None] * value_dim + offs_et[None, :],
-                    out_t.to(out_ptr.dtype.element_ty),
-                    mask=n_ok[:, None] & (offs_et[None, :] < value_dim),
-                )
-        if COMPUTE_DX:
-            lin = tl.dot(y_m, tl.trans(t1_m), input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            if HAS_TAIL:
-                lin = tl.dot(y_t, tl.trans(t1_t), lin, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
-            dx = coef_a * dx + coef_b * lin
-            tl.store(
-                dx_ptr + offs_n[:, None] * head_dim + offs_d[None, :],
-                dx.to(dx_ptr.dtype.element_ty),
-                mask=n_ok[:, None] & d_ok[None, :],
-            )
 
 
 def _next_pow2(n: int) -> int:
@@ -388,7 +57,7 @@ def _prev_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class _Config:
-    """Tile sizes and dtypes of one call; see the module docstring for their roles."""
+    """Tile sizes and dtypes of one call; their roles are described in docs/kernels.md."""
 
     d_pad: int
     block_a: int
@@ -510,7 +179,7 @@ def _state(x: Tensor, y: Tensor, cfg: _Config) -> Tensor:
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     n_rows = head_dim * head_dim + head_dim + 1
     partial = torch.empty(bh, n_split, n_rows, cfg.e_pad, device=x.device, dtype=acc_dtype)
-    _poly_state_kernel[(bh, n_quad_blocks + 1, n_split)](
+    poly_state_kernel[(bh, n_quad_blocks + 1, n_split)](
         x, y, partial, seq_len, head_dim, tiles_per_split, **_kernel_args(x.dtype, cfg, cfg.block_n_state)
     )
     state = partial[:, 0] if n_split == 1 else partial.sum(dim=1)
@@ -536,7 +205,7 @@ def _apply(
     dx = torch.empty_like(x) if compute_dx else None
     block_n = cfg.block_n_grad if compute_dx else cfg.block_n_out
     # Unused pointers still need a tensor; the constexpr flags keep the kernel from touching them.
-    _poly_apply_kernel[(bh, triton.cdiv(seq_len, block_n))](
+    poly_apply_kernel[(bh, triton.cdiv(seq_len, block_n))](
         x,
         y if y is not None else x,
         state,
@@ -554,7 +223,7 @@ def _apply(
 
 
 class _PolyKernelAttention(torch.autograd.Function):
-    """Autograd wrapper: forward = state(k, v) then apply(q); backward as in the module docstring."""
+    """Autograd wrapper: forward = state(k, v) then apply(q); backward as in docs/kernels.md."""
 
     @staticmethod
     def forward(
@@ -620,7 +289,7 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, coefs: tuple[float, float, fl
         )
     if not (q.device == k.device == v.device):
         raise ValueError(f"{name}: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
-    interpreted = type(_poly_state_kernel).__name__ == "InterpretedFunction"
+    interpreted = type(poly_state_kernel).__name__ == "InterpretedFunction"
     if q.device.type != "cuda" and not interpreted:
         raise ValueError(
             f"{name}: needs CUDA tensors (got device {q.device}); to run on CPU set "
@@ -653,7 +322,7 @@ def poly_kernel_attention_triton(
             One dtype among fp16, bf16, fp32, fp64; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``.
             Non-contiguous inputs are copied.
         a, b, c: quadratic, linear and constant coefficients of the kernel (any finite reals).
-        causal: not supported by the fused kernel (spec 7.5); raises ``NotImplementedError``.
+        causal: not supported by the fused kernel; raises ``NotImplementedError``.
         block_n: rows of an N tile in every kernel (power of two, >= 16); the default depends on the
             kernel and the dtype (``_DEFAULT_TILES``: 64 / 128 / 64 for state / forward apply / dx applies
             in bf16).
@@ -673,9 +342,8 @@ def poly_kernel_attention_triton(
     _check_inputs(q, k, v, coefs)
     if causal:
         raise NotImplementedError(
-            "poly_kernel_attention_triton: causal=True is not implemented in the fused "
-            "kernel (spec 7.5: out of scope); use the PyTorch implementation for "
-            "causal attention"
+            "poly_kernel_attention_triton: causal=True is not implemented in the fused kernel; use the "
+            "PyTorch implementation (models.attention.polynomial) for causal attention"
         )
     if q.shape[2] == 0:
         # Nothing to launch; an empty product keeps autograd consistent.
