@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lra.curves import MAJORITY_APPROX, NUM_CLASSES, recorded_majority
 from lra.registry import attention_rank
 from lra.results import LRA_TASKS, Run, _display_path, recipe_label, run_from_summary
+from lra.results.curves import MAJORITY_APPROX, NUM_CLASSES, recorded_majority
 
 
 def majority_rate(task: str, data: dict[str, Any]) -> tuple[float | None, str]:

@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import Any
 
 from data.cache import atomic_write_text
-from lra.curves import CURVE_FILE, read_curve, recorded_majority, write_curve
 from lra.registry import attention_rank, ordered, published_accuracy, published_source, registered_attentions
+from lra.results.curves import CURVE_FILE, read_curve, recorded_majority, write_curve
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Only committed runs by default, so a developer's scratch runs never leak into the published table;
 # pass --runs outputs multirun to include them.
 DEFAULT_RUN_ROOTS = ("results/runs",)
@@ -888,7 +888,7 @@ def _summary_path(run: Run) -> Path | None:
 def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
     """One learning-curve PNG per (recipe, device, task) under ``out_dir/curves``, from the main config's
     completed runs that have a curve; stale PNGs there are removed. Returns the links per section."""
-    from lra.curves import figure_name, plot_task
+    from lra.results.curves import figure_name, plot_task
 
     folder, links, written = out_dir / "curves", {}, set()
     for section in report.sections:
@@ -1029,7 +1029,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
     if missing:
         parser.error("no such folder: " + ", ".join(map(str, missing)))
     if args.compare:
-        from lra.compare import load_with_summaries, render_comparison
+        from lra.results.compare import load_with_summaries, render_comparison
 
         pairs, problems = load_with_summaries(roots)
         print(render_comparison(pairs) + "".join(f"problem: {problem}\n" for problem in problems), end="")
@@ -1056,7 +1056,3 @@ def main(argv: Sequence[str] | None = None) -> Report:
     )
     print("wrote " + ", ".join(_display_path(path) for path in written))
     return report
-
-
-if __name__ == "__main__":
-    main()
