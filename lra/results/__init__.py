@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data.cache import atomic_write_text
-from lra.results.cells import LRA_TASKS, MISSING, Cell, Report, Section, aggregate
+from lra.results.cells import LRA_TASKS, MISSING, Report, aggregate
 from lra.results.curves import write_figures
 from lra.results.render import (
     LRA_MD_HEADER,
@@ -32,7 +32,6 @@ from lra.results.render import (
     render_readme,
 )
 from lra.results.runs import (
-    Run,
     collect_runs,
     display_path,
     load_local_runs,
@@ -46,10 +45,7 @@ __all__ = [
     "LRA_MD_HEADER",
     "LRA_TASKS",
     "MISSING",
-    "Cell",
     "Report",
-    "Run",
-    "Section",
     "aggregate",
     "collect_runs",
     "load_local_runs",
@@ -58,7 +54,6 @@ __all__ = [
     "render_csv",
     "render_markdown",
     "run_from_summary",
-    "write_outputs",
 ]
 # Only committed runs by default, so a developer's scratch runs never leak into the published table;
 # pass --runs outputs multirun to include them.

@@ -127,9 +127,9 @@ def cell_numbers(completed: list[Run]) -> dict[tuple[str, str, str], dict[str, A
     # Cost relative to softmax on the same task and config; memory only when both measured the same thing.
     softmax = cells[cells.attention == "softmax"].drop(columns="attention")
     cells = cells.merge(softmax, on=["task", "variant"], how="left", suffixes=("", " of softmax"))
-    no_zero = float("nan")
-    cells["steps_vs_softmax"] = cells.steps_per_s / cells["steps_per_s of softmax"].replace(0, no_zero)
-    mem_ratio = cells.peak_mem_gb / cells["peak_mem_gb of softmax"].replace(0, no_zero)
+    # A zero or missing softmax number gives no ratio (NaN, then None) rather than infinity.
+    cells["steps_vs_softmax"] = cells.steps_per_s / cells["steps_per_s of softmax"].replace(0, float("nan"))
+    mem_ratio = cells.peak_mem_gb / cells["peak_mem_gb of softmax"].replace(0, float("nan"))
     cells["mem_vs_softmax"] = mem_ratio.where(cells.peak_mem_kind == cells["peak_mem_kind of softmax"])
     numbers = cells.set_index(CELL_KEYS)[CELL_NUMBERS].astype(object)
     return numbers.where(numbers.notna(), None).to_dict("index")
@@ -179,13 +179,15 @@ def build_section(
     main = main_variants(runs)
     cells = []
     for task in tasks:
+        main_variant = main.get(task, "")
         for attention in attentions:
             # The task's main config first (an empty cell when this attention has no run of it), then others.
-            variants = {variant for (t, a, variant) in by_cell if (t, a) == (task, attention)}
-            variants.add(main.get(task, ""))
-            for variant in sorted(variants, key=lambda variant: (variant != main.get(task, ""), variant)):
+            variants = {variant for (t, a, variant) in by_cell if (t, a) == (task, attention)} | {
+                main_variant
+            }
+            for variant in sorted(variants, key=lambda variant: (variant != main_variant, variant)):
                 key = (task, attention, variant)
-                cell = Cell(task, attention, variant, variant == main.get(task, ""), **numbers.get(key, {}))
+                cell = Cell(task, attention, variant, variant == main_variant, **numbers.get(key, {}))
                 for run in by_cell.get(key, []):
                     (cell.runs if run.completed else cell.failed).append(run)
                 cells.append(cell)

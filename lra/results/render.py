@@ -28,7 +28,7 @@ def fmt(value: float | str | None, pattern: str = ".2f") -> str:
 def _accuracy(cell: Cell) -> str:
     if cell.acc_mean is None:
         return MISSING
-    return f"{cell.acc_mean:.2f} ± {fmt(cell.acc_std) if cell.n >= 2 else NO_STD}"
+    return f"{cell.acc_mean:.2f} ± {NO_STD if cell.acc_std is None else fmt(cell.acc_std)}"
 
 
 def _one_line(text: str, limit: int = 160) -> str:

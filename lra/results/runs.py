@@ -208,28 +208,22 @@ def load_local_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
 
 def run_from_wandb(run: Any) -> Run:
     """A Run from a ``wandb.Api()`` run: its config (train.py's resolved config) and summary metrics."""
-    config, summary = dict(run.config), dict(run.summary)
+    config, state = dict(run.config), getattr(run, "state", "unknown")
     # A W&B sweep locks the keys it sets (attention, task, seed) to the plain strings it passed.
     task = config["task"]["name"] if isinstance(config.get("task"), dict) else str(config.get("task"))
-    attention = str(config.get("attention_name") or config.get("attention"))
-    profile, seed = str(config.get("profile") or "unknown"), int(config.get("seed", 0))
-    state = getattr(run, "state", "unknown")
-    test_acc = _float(summary.get("test/acc"))
-    return Run(
-        task=task,
-        attention=attention,
-        profile=profile,
-        device=str(config.get("device") or "unknown"),
-        seed=seed,
-        status=_status("completed" if state == "finished" else f"wandb state: {state}", test_acc),
-        variant=recipe_variant(config),
-        test_acc=test_acc,
-        val_acc_best=_float(summary.get("val/acc_best")),
-        steps_per_s=_float(summary.get("perf/steps_per_s")),
-        peak_mem_gb=_float(summary.get("perf/peak_mem_gb")),
-        commit=str(config.get("git_commit") or "unknown"),
-        command=_command(task, attention, profile, seed, None),
-        source=str(getattr(run, "url", "") or f"wandb:{getattr(run, 'path', '')}"),
+    summary = {
+        "task": task,
+        "attention": str(config.get("attention_name") or config.get("attention")),
+        "profile": str(config.get("profile") or "unknown"),
+        "device": str(config.get("device") or "unknown"),
+        "seed": int(config.get("seed", 0)),
+        "status": "completed" if state == "finished" else f"wandb state: {state}",
+        "git_commit": str(config.get("git_commit") or "unknown"),
+        "config": config,
+        "metrics": dict(run.summary),
+    }
+    return run_from_summary(
+        summary, source=str(getattr(run, "url", "") or f"wandb:{getattr(run, 'path', '')}")
     )
 
 
