@@ -165,15 +165,6 @@ def plot_task(
     plt.close(figure)
 
 
-def _summary_path(source: str) -> Path | None:
-    """Where a local run's summary.json is (its source is shown relative to the cwd or the repo)."""
-    from lra.summary import REPO_ROOT
-
-    if source.startswith(("http", "wandb:")) or not source:
-        return None
-    return next((base / source for base in (Path.cwd(), REPO_ROOT) if (base / source).is_file()), None)
-
-
 def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
     """One learning-curve PNG per (recipe, device, task) under ``out_dir/curves``, from the main config's
     completed runs that have a curve; stale PNGs there are removed. Returns the links per section."""
@@ -186,8 +177,8 @@ def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[t
             for cell in section.cells:
                 if cell.task != task or not cell.main_variant:
                     continue
-                paths = [_summary_path(run.source) for run in sorted(cell.runs, key=lambda run: run.seed)]
-                found = [curve for path in paths if path and (curve := read_curve(path.parent)) is not None]
+                run_dirs = [run.folder for run in sorted(cell.runs, key=lambda run: run.seed) if run.folder]
+                found = [curve for run_dir in run_dirs if (curve := read_curve(run_dir)) is not None]
                 if found:
                     curves[cell.attention] = found
                 majority = next((run.val_majority for run in cell.runs if run.val_majority), majority)

@@ -29,8 +29,8 @@ NOT_RECIPE_KEYS = {
     "data": {"data_dir", "data_root", "num_workers", "seed", "cache_dir"},
     "trainer": {"default_root_dir", "enable_progress_bar", "log_every_n_steps"},
 }
-# Fields that only serve this program and are never written out: a clone resets file times.
-UNPUBLISHED_FIELDS = ("timestamp", "val_majority")
+# Fields that only serve this program and are never written out: a clone resets file times and paths.
+UNPUBLISHED_FIELDS = ("timestamp", "val_majority", "folder")
 T = TypeVar("T")
 
 
@@ -60,6 +60,8 @@ class Run:
     timestamp: float = 0.0
     # Majority-class share of the validation examples the run scored, for the learning-curve figures.
     val_majority: float | None = None
+    # The folder of a local run's summary.json, where its learning curve is (None for W&B runs).
+    folder: Path | None = None
 
     @property
     def completed(self) -> bool:
@@ -132,9 +134,13 @@ def _status(status: Any, test_acc: float | None) -> str:
 
 
 def run_from_summary(
-    summary: dict[str, Any], source: str = "", timestamp: float = 0.0, overrides: list[str] | None = None
+    summary: dict[str, Any],
+    source: str = "",
+    timestamp: float = 0.0,
+    overrides: list[str] | None = None,
+    folder: Path | None = None,
 ) -> Run:
-    """A Run from the dict train.py writes to ``<run dir>/summary.json``."""
+    """A Run from the dict train.py writes to ``<run dir>/summary.json`` (in ``folder``)."""
     metrics, perf, data = summary.get("metrics") or {}, summary.get("perf") or {}, summary.get("data") or {}
     config = summary.get("config")
     task, attention, profile = summary["task"], summary["attention"], summary.get("profile") or "unknown"
@@ -159,6 +165,7 @@ def run_from_summary(
         source=source,
         timestamp=timestamp,
         val_majority=(recorded_majority(data, "val") or (None,))[0],
+        folder=folder,
     )
 
 
@@ -201,7 +208,7 @@ def load_local_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
     return read_summaries(
         roots,
         lambda path, summary: run_from_summary(
-            summary, display_path(path), finished_at(summary, path), _read_overrides(path)
+            summary, display_path(path), finished_at(summary, path), _read_overrides(path), path.parent
         ),
     )
 
