@@ -233,7 +233,9 @@ def _run_record(run: Run) -> dict[str, Any]:
 def render_json(report: Report) -> str:
     sections = [
         {
-            **{"recipe": section.recipe, "profile": section.profile, "device": section.device},
+            "recipe": section.recipe,
+            "profile": section.profile,
+            "device": section.device,
             "cells": [cell_record(section, cell) for cell in section.cells],
             "averages": [
                 {key: _rounded(value) for key, value in asdict(average).items()}
