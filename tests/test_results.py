@@ -98,6 +98,10 @@ def cell(report, task, attention, profile="cpu", device=CPU, main=True):
     return found
 
 
+def markdown_row(report, start):
+    return next(row for row in results.render_markdown(report).splitlines() if row.startswith(start))
+
+
 def test_mean_and_sample_std_over_seeds():
     report = report_of([make_summary(seed=seed, acc=acc) for seed, acc in enumerate([0.30, 0.36, 0.42])])
     found = cell(report, "listops", "softmax")
@@ -118,9 +122,7 @@ def test_missing_cells_are_shown_not_dropped():
     (section,) = report.sections
     pairs = {(c.task, c.attention) for c in section.cells}
     assert pairs == {(task, attention) for task in results.LRA_TASKS for attention in ATTENTIONS}
-    markdown = results.render_markdown(report)
-    text_softmax = next(line for line in markdown.splitlines() if line.startswith("| text | softmax |"))
-    assert f"| {results.MISSING} | 0 | 0 |" in text_softmax
+    assert f"| {results.MISSING} | 0 | 0 |" in markdown_row(report, "| text | softmax |")
     rows = list(csv.DictReader(io.StringIO(results.render_csv(report))))
     assert len(rows) == len(results.LRA_TASKS) * len(ATTENTIONS)
     empty = next(row for row in rows if (row["task"], row["attention"]) == ("image", "performer"))
@@ -206,10 +208,7 @@ def test_speed_and_memory_relative_to_softmax():
     assert cell(report, "listops", "softmax").steps_vs_softmax == pytest.approx(1.0)
     # No softmax run on Text: no ratio rather than one against another task.
     assert cell(report, "text", "performer").steps_vs_softmax is None
-    line = next(
-        row for row in results.render_markdown(report).splitlines() if row.startswith("| listops | performer")
-    )
-    assert "| 40 | 2.00 | 1.00 | 0.50 |" in line
+    assert "| 40 | 2.00 | 1.00 | 0.50 |" in markdown_row(report, "| listops | performer")
 
 
 def test_published_numbers_and_difference():
@@ -228,10 +227,7 @@ def test_published_numbers_and_difference():
     assert cell(report, "listops", "fastmax").published == "n/a (not in Table 1)"
     pathx = cell(report, "pathx", "softmax")
     assert pathx.published == "FAIL" and pathx.delta is None
-    line = next(
-        row for row in results.render_markdown(report).splitlines() if row.startswith("| listops | softmax")
-    )
-    assert "| 36.37 | +4.00 |" in line
+    assert "| 36.37 | +4.00 |" in markdown_row(report, "| listops | softmax")
 
 
 def test_average_over_the_tasks_present_without_pathx():
@@ -484,21 +480,9 @@ def test_a_real_multirun_is_collected_and_tabulated(tmp_path):
     from tests.tiny.listops import tiny_overrides
 
     sweep = tmp_path / "multirun"
-    result = run_train(
-        [
-            "-m",
-            "task=listops",
-            "attention=softmax,performer",
-            "seed=0",
-            "profile=cpu",
-            "logger=csv",
-            *tiny_overrides(tmp_path),
-            *TINY_MODEL,
-            f"hydra.sweep.dir={sweep}",
-        ],
-        tmp_path,
-        timeout=600,
-    )
+    grid = ["-m", "task=listops", "attention=softmax,performer", "seed=0", "profile=cpu", "logger=csv"]
+    overrides = [*grid, *tiny_overrides(tmp_path), *TINY_MODEL, f"hydra.sweep.dir={sweep}"]
+    result = run_train(overrides, tmp_path, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     store, out = tmp_path / "store", tmp_path / "out"
     report = results.main(

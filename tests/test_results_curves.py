@@ -5,7 +5,8 @@ import os
 import pandas as pd
 import pytest
 
-from lra import curves, results
+from lra import results
+from lra.results import curves
 from tests.test_results import make_summary, write_runs
 
 # Lightning's CSVLogger layout: one row per log call, the step is the index of the batch being finished.

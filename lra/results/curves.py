@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+
+if TYPE_CHECKING:
+    from lra.results.cells import Report
 
 CURVE_FILE = "curve.csv"
 CURVE_COLUMNS = ["step", "val_acc", "train_loss", "elapsed_s"]
@@ -21,9 +24,10 @@ CURVE_COLUMNS = ["step", "val_acc", "train_loss", "elapsed_s"]
 WALL_CLOCK_COLUMNS = ("time/elapsed_s", "perf/elapsed_s")
 # Classes per task, for the chance line (1 / classes).
 NUM_CLASSES = {"listops": 10, "text": 2, "retrieval": 2, "image": 10, "pathfinder": 2, "pathx": 2}
-# Majority-class share of each task's official test set, for runs that did not record class counts
-# (../shared/spec/tasks.md: ListOps classes 0 and 9 about 17% each; IMDb and CIFAR-10 test sets balanced;
-# Pathfinder and Path-X balanced by construction). Reduced or subsampled data can differ a little.
+# Majority-class share of each task's official test set, for runs that did not record class counts: LRA's
+# ListOps (Tay et al. 2021, arXiv 2011.04006; after Nangia and Bowman 2018, arXiv 1804.06028) has classes 0
+# and 9 at about 17% each; the IMDb and CIFAR-10 test sets are balanced, Pathfinder and Path-X balanced by
+# construction. Reduced or subsampled data can differ a little.
 MAJORITY_APPROX = {
     "listops": 0.17,
     "text": 0.5,
@@ -159,3 +163,34 @@ def plot_task(
     # No "Software" entry: the PNG bytes then depend only on the data and the matplotlib version.
     figure.savefig(path, format="png", metadata={"Software": None})
     plt.close(figure)
+
+
+def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
+    """One learning-curve PNG per (recipe, device, task) under ``out_dir/curves``, from the main config's
+    completed runs that have a curve; stale PNGs there are removed. Returns the links per section."""
+    from lra.registry import registered_attentions
+
+    folder, links, written = out_dir / "curves", {}, set()
+    for section in report.sections:
+        for task in dict.fromkeys(cell.task for cell in section.cells):
+            curves, majority = {}, None
+            for cell in section.cells:
+                if cell.task != task or not cell.main_variant:
+                    continue
+                run_dirs = [run.folder for run in sorted(cell.runs, key=lambda run: run.seed) if run.folder]
+                found = [curve for run_dir in run_dirs if (curve := read_curve(run_dir)) is not None]
+                if found:
+                    curves[cell.attention] = found
+                majority = next((run.val_majority for run in cell.runs if run.val_majority), majority)
+            if not curves:
+                continue
+            path = folder / f"{figure_name(section.profile, section.device, task)}.png"
+            plot_task(
+                curves, f"{section.recipe}, {section.device}", task, path, registered_attentions(), majority
+            )
+            written.add(path)
+            links.setdefault((section.profile, section.device), []).append((task, f"curves/{path.name}"))
+    for stale in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        if stale not in written:
+            stale.unlink()
+    return links
