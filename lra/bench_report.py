@@ -12,12 +12,11 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from data.cache import atomic_write_text
+from lra.crossover import Crossover, find_crossover
 from models.attention.taylorshift import crossover_n0, crossover_n1
 
 METRICS = {"fwd_ms": "forward (ms)", "fwd_bwd_ms": "forward + backward (ms)", "peak_mb": "peak memory (MB)"}
@@ -28,68 +27,6 @@ PAPER_4K = {
     "performer": {"speedup": 5.7, "memory_gb": 1.06},
 }
 PAPER_4K_SOFTMAX_MEMORY_GB = 9.48
-
-
-@dataclass(frozen=True)
-class Crossover:
-    """Where a candidate starts beating a reference on the measured grid.
-
-    ``status``: ``crossed`` (it wins from ``n`` on, and lost at the grid point before), ``always`` (it wins
-    at every compared N), ``never`` (it does not win at the largest compared N), ``unknown`` (no N where
-    both were measured). ``n_interp`` interpolates the ratio in log-log between the two grid points that
-    bracket the crossing (None when the reference ran out of memory there).
-    """
-
-    status: str
-    n: int | None = None
-    n_interp: float | None = None
-    n_min: int | None = None
-    n_max: int | None = None
-
-    def text(self) -> str:
-        if self.status == "always":
-            return f"≤ {self.n_min:,}"
-        if self.status == "never":
-            return f"> {self.n_max:,}"
-        if self.status == "crossed":
-            approx = f" (≈{self.n_interp:,.0f})" if self.n_interp is not None else ""
-            return f"{self.n:,}{approx}"
-        return "n/a"
-
-
-def find_crossover(
-    ns: Iterable[int], candidate: Iterable[float | None], reference: Iterable[float | None]
-) -> Crossover:
-    """The smallest measured N from which ``candidate < reference`` at every larger measured N.
-
-    Args:
-        ns: sequence lengths, ascending or not.
-        candidate, reference: values at those lengths (lower is better): a float, ``math.inf`` for out of
-            memory (it loses to any finite value), or None where the point was not measured.
-    """
-    points = sorted(
-        (n, c, r)
-        for n, c, r in zip(ns, candidate, reference, strict=True)
-        if c is not None and r is not None and not (math.isinf(c) and math.isinf(r))
-    )
-    if not points:
-        return Crossover("unknown")
-    wins = [c < r for _, c, r in points]
-    n_min, n_max = points[0][0], points[-1][0]
-    if not wins[-1]:
-        return Crossover("never", n_min=n_min, n_max=n_max)
-    first = len(wins)
-    while first > 0 and wins[first - 1]:
-        first -= 1
-    if first == 0:
-        return Crossover("always", n=n_min, n_min=n_min, n_max=n_max)
-    (n_lo, c_lo, r_lo), (n_hi, c_hi, r_hi) = points[first - 1], points[first]
-    interp = None
-    if all(math.isfinite(x) and x > 0 for x in (c_lo, r_lo, c_hi, r_hi)):
-        rho_lo, rho_hi = math.log(c_lo / r_lo), math.log(c_hi / r_hi)
-        fraction = rho_lo / (rho_lo - rho_hi) if rho_lo != rho_hi else 1.0
-        interp = math.exp(math.log(n_lo) + fraction * (math.log(n_hi) - math.log(n_lo)))
-    return Crossover("crossed", n=n_hi, n_interp=interp, n_min=n_min, n_max=n_max)
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from lra.bench import TimeCap, peak_memory_mb, registered_attentions, run, variants_from_config
-from lra.bench_report import OperatorTable, find_crossover
+from lra.bench_report import OperatorTable
+from lra.crossover import find_crossover
 from models.attention.linformer import LinformerAttention
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
