@@ -1,5 +1,6 @@
-"""The efficiency benchmark (lra/bench.py, lra/bench_report.py): the smoke preset end to end, an OOM that
-becomes a row, the crossover finder, the CPU peak-memory accounting. No timing is asserted."""
+"""The efficiency benchmark (lra/bench.py, lra/bench_levels.py, lra/bench_report.py): the smoke preset end to
+end, an OOM that becomes a row, the crossover finder, the CPU peak-memory accounting and the sweep's failure
+rows. No timing is asserted."""
 
 import json
 import math
@@ -10,9 +11,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from lra.bench import TimeCap, peak_memory_mb, registered_attentions, run, variants_from_config
+from lra.bench import registered_attentions, run, variants_from_config
 from lra.bench_report import OperatorTable
 from lra.crossover import find_crossover
+from lra.timing import Sweep, TimeCap, peak_memory_mb
 from models.attention.linformer import LinformerAttention
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -242,3 +244,22 @@ def test_variants_come_from_the_registry_and_the_preset():
     assert direct.quadratic and direct.overrides == {"mode": "direct"}
     with pytest.raises(ValueError, match="no conf/attention"):
         variants_from_config({"nonexistent": [{}]}, registered_attentions())
+
+
+def test_sweep_turns_failures_into_rows_and_skips_after_out_of_memory():
+    sweep = Sweep(torch.device("cpu"), point_budget_s=600, timed_key="ms")
+
+    def fail(error):
+        def measure():
+            raise error
+
+        return measure
+
+    broken = sweep.point({}, ("a",), 16, fail(ValueError("bad shape\nmore lines")))
+    assert broken["error"] == "ValueError: bad shape" and broken["oom"] is False and broken["wall_s"] >= 0
+    assert sweep.point({}, ("a",), 32, lambda: {"ms": 1.0})["ms"] == 1.0  # an error does not stop the series
+    oom = sweep.point({}, ("b",), 16, fail(RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    assert oom["oom"] is True and oom["error"].startswith("RuntimeError")
+    after = sweep.point({}, ("b",), 32, lambda: {"ms": 1.0})
+    assert after["oom"] is True and after["skipped"] == "out of memory at N=16" and "ms" not in after
+    assert sweep.point({}, ("c",), 16, lambda: {"ms": 1.0}, skip="not causal")["skipped"] == "not causal"
