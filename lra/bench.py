@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lra.bench_levels import ModelBench, OperatorBench, variants_from_config
+from lra.bench_rows import device_label
 from lra.errors import ConfigError
 from lra.registry import registered_attentions
 from lra.summary import device_name, git_commit, to_jsonable
@@ -86,9 +86,8 @@ def output_folder(output_dir: str | None, label: str) -> Path:
 
 
 def default_label(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return device_label(device.type, name)
 
 
 def calibration_row(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

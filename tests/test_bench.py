@@ -1,19 +1,23 @@
 """The efficiency benchmark (lra/bench.py, lra/bench_levels.py, lra/bench_report.py): the smoke preset end to
-end, an OOM that becomes a row, the crossover finder, the CPU peak-memory accounting and the sweep's failure
-rows. No timing is asserted."""
+end, an OOM that becomes a row, the crossover finder, the CPU peak-memory accounting, the sweep's failure
+rows and the report's rerun command. No timing is asserted."""
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
 from lra.bench import registered_attentions, run, variants_from_config
-from lra.bench_report import OperatorTable
+from lra.bench_report import rerun_command
+from lra.bench_rows import OperatorTable
 from lra.crossover import find_crossover
+from lra.summary import REPO_ROOT
 from lra.timing import Sweep, TimeCap, peak_memory_mb
 from models.attention.linformer import LinformerAttention
 
@@ -263,3 +267,15 @@ def test_sweep_turns_failures_into_rows_and_skips_after_out_of_memory():
     after = sweep.point({}, ("b",), 32, lambda: {"ms": 1.0})
     assert after["oom"] is True and after["skipped"] == "out of memory at N=16" and "ms" not in after
     assert sweep.point({}, ("c",), 16, lambda: {"ms": 1.0}, skip="not causal")["skipped"] == "not causal"
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in (REPO_ROOT / "results" / "efficiency").iterdir()))
+def test_rerun_command_reproduces_the_committed_runs_config(folder):
+    out_dir = REPO_ROOT / "results" / "efficiency" / folder
+    recorded = json.loads((out_dir / "rows.jsonl").read_text().splitlines()[0])
+    command = shlex.split(rerun_command(recorded, out_dir))
+    assert command[:2] == ["make", "bench"] and command[2].startswith("ARGS=")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("bench", overrides=shlex.split(command[2].removeprefix("ARGS=")))
+    assert OmegaConf.to_container(cfg.bench, resolve=True) == recorded["config"]
+    assert Path(cfg.output_dir) / (cfg.label or "cpu") == out_dir.relative_to(REPO_ROOT)
