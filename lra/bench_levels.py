@@ -75,19 +75,19 @@ class Variant:
 
 def variants_from_config(variants_cfg: Any, attentions: list[str]) -> list[Variant]:
     """Expand ``{attention: [overrides, ...]}``; an attention without an entry runs its YAML as it is."""
-    spec = (
+    by_attention = (
         OmegaConf.to_container(variants_cfg, resolve=True)
         if isinstance(variants_cfg, DictConfig)
         else dict(variants_cfg or {})
     )
-    unknown = sorted(set(spec) - set(registered_attentions()))
+    unknown = sorted(set(by_attention) - set(registered_attentions()))
     if unknown:
         raise ConfigError(
             f"bench.variants names attentions {unknown} that have no conf/attention/<name>.yaml"
         )
     result = []
     for name in attentions:
-        for entry in spec.get(name) or [{}]:
+        for entry in by_attention.get(name) or [{}]:
             entry = dict(entry or {})
             bench_keys = {key: bool(entry.pop(key, False)) for key in VARIANT_BENCH_KEYS}
             result.append(Variant(name, entry, **bench_keys))
