@@ -39,12 +39,7 @@ from lra.registry import registered_attentions
 from lra.summary import device_name, git_commit, to_jsonable
 from lra.timing import median_ms, warm_up
 
-DTYPES = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
+DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64")}
 
 
 def environment(device: torch.device) -> dict[str, Any]:

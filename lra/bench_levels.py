@@ -34,6 +34,8 @@ from models.attention.base import Attention
 
 # Keys of a variant that steer the benchmark rather than the attention's constructor.
 VARIANT_BENCH_KEYS = ("quadratic", "compile")
+# What every row of a variant records about it.
+ROW_FIELDS = ("attention", "variant", "label", "overrides", "compile")
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,7 @@ class Variant:
         return self.attention if self.variant == "default" else f"{self.attention} {self.variant}"
 
     def row_fields(self) -> dict[str, Any]:
-        """What every row of this variant records about it."""
-        return {
-            "attention": self.attention,
-            "variant": self.variant,
-            "label": self.label,
-            "overrides": self.overrides,
-            "compile": self.compile,
-        }
+        return {name: getattr(self, name) for name in ROW_FIELDS}
 
 
 def variants_from_config(variants_cfg: Any, attentions: list[str]) -> list[Variant]:

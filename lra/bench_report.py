@@ -180,34 +180,18 @@ def taylorshift_section(table: OperatorTable) -> list[str]:
     ]
     if not direct or not efficient:
         return lines + ["No pair of TaylorShift rows with mode=direct and mode=efficient in this run.", ""]
-    header = [
-        "setting",
-        "d",
-        "efficient variant",
-        "faster (fwd)",
-        "faster (fwd+bwd)",
-        "N0 (theory)",
-        "less memory (fwd+bwd)",
-        "N1 (theory)",
-    ]
+    header = "setting|d|efficient variant|faster (fwd)|faster (fwd+bwd)|N0 (theory)|less memory (fwd+bwd)|"
+    header += "N1 (theory)"
     body = []
     for setting in table.settings:
         for head_dim in table.head_dims(setting):
+            n0, n1 = f"{crossover_n0(head_dim):,}", f"{crossover_n1(head_dim):,}"
             for label in efficient:
-                found = table.crossover_texts(setting, head_dim, label, direct[0])
+                fwd, fwd_bwd, memory = table.crossover_texts(setting, head_dim, label, direct[0])
                 body.append(
-                    [
-                        _setting_text(setting),
-                        str(head_dim),
-                        f"`{label}`",
-                        found[0],
-                        found[1],
-                        f"{crossover_n0(head_dim):,}",
-                        found[2],
-                        f"{crossover_n1(head_dim):,}",
-                    ]
+                    [_setting_text(setting), str(head_dim), f"`{label}`", fwd, fwd_bwd, n0, memory, n1]
                 )
-    return lines + _md_table(header, body)
+    return lines + _md_table(header.split("|"), body)
 
 
 def softmax_section(table: OperatorTable, references: list[str]) -> list[str]:
@@ -233,15 +217,8 @@ def softmax_section(table: OperatorTable, references: list[str]) -> list[str]:
                         continue
                     found = table.crossover_texts(setting, head_dim, label, reference)
                     parity = table.flop_parity(setting, head_dim, label)
-                    body.append(
-                        [
-                            _setting_text(setting),
-                            str(head_dim),
-                            f"`{label}`",
-                            *found,
-                            f"{parity:,.0f}" if parity else "—",
-                        ]
-                    )
+                    parity_text = f"{parity:,.0f}" if parity else "—"
+                    body.append([_setting_text(setting), str(head_dim), f"`{label}`", *found, parity_text])
         lines += _md_table(header, body)
     return lines
 
@@ -287,34 +264,21 @@ def model_section(rows: list[dict[str, Any]], reference: str | None) -> list[str
         ratio = f" ({ours / theirs:.2f}×)" if theirs else ""
         return _fmt(ours) + ratio
 
-    header = [
-        "method",
-        *[f"steps/s {n:,}" for n in lengths],
-        *[f"peak MB {n:,}" for n in lengths],
-        "paper 4K speed-up",
-        "paper 4K memory ratio",
-    ]
+    header = ["method", *[f"{key} {n:,}" for key in ("steps/s", "peak MB") for n in lengths]]
     body = []
     for label in labels:
         attention = index[next(k for k in index if k[0] == label)]["attention"]
         paper = PAPER_4K.get(attention) if label == attention else None
-        body.append(
-            [
-                f"`{label}`",
-                *[cell(label, n, "steps_per_s") for n in lengths],
-                *[cell(label, n, "peak_mb") for n in lengths],
-                f"{paper['speedup']:.1f}×" if paper else "",
-                f"{paper['memory_gb'] / PAPER_4K_SOFTMAX_MEMORY_GB:.2f}×" if paper else "",
-            ]
+        cells = [cell(label, n, key) for key in ("steps_per_s", "peak_mb") for n in lengths]
+        cells += (
+            [f"{paper['speedup']:.1f}×", f"{paper['memory_gb'] / PAPER_4K_SOFTMAX_MEMORY_GB:.2f}×"]
+            if paper
+            else ["", ""]
         )
-    lines += _md_table(header, body)
-    modes = sorted(
-        {
-            (r["label"], r.get("mode_used"))
-            for r in model_rows
-            if r["attention"] == "taylorshift" and r.get("mode_used")
-        }
-    )
+        body.append([f"`{label}`", *cells])
+    lines += _md_table([*header, "paper 4K speed-up", "paper 4K memory ratio"], body)
+    ts_rows = [r for r in model_rows if r["attention"] == "taylorshift" and r.get("mode_used")]
+    modes = sorted({(r["label"], r["mode_used"]) for r in ts_rows})
     if modes:
         lines += [
             "TaylorShift modes that ran: " + "; ".join(f"`{label}` → {mode}" for label, mode in modes),
