@@ -11,164 +11,34 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from data.cache import atomic_write_text
+from lra.bench_plots import plot
+from lra.bench_rows import (
+    METRICS,
+    OperatorTable,
+    _setting_text,
+    _usable,
+    device_label,
+    load_rows,
+    status_text,
+)
+from lra.bench_rows import metric_value as metric_value  # re-exported: lra/analysis/heads.py reads it here
+from lra.summary import REPO_ROOT
 from models.attention.taylorshift import crossover_n0, crossover_n1
 
-METRICS = {"fwd_ms": "forward (ms)", "fwd_bwd_ms": "forward + backward (ms)", "peak_mb": "peak memory (MB)"}
-# LRA paper (Tay et al., 2021) Table 2, Text, 4K tokens, batch 32 on TPU v3: the only confirmed cells
-# (spec tasks.md 3.2). Speed-up over the Transformer's 1.4 steps/s; peak memory against its 9.48 GB.
+# LRA paper (Tay et al. 2021, arXiv 2011.04006) Table 2, Text, 4K tokens, batch 32 on TPU v3: the cells used
+# here. Speed-up over the Transformer's 1.4 steps/s; peak memory against its 9.48 GB.
 PAPER_4K = {
     "linformer": {"speedup": 5.5, "memory_gb": 0.99},
     "performer": {"speedup": 5.7, "memory_gb": 1.06},
 }
 PAPER_4K_SOFTMAX_MEMORY_GB = 9.48
-
-
-@dataclass(frozen=True)
-class Crossover:
-    """Where a candidate starts beating a reference on the measured grid.
-
-    ``status``: ``crossed`` (it wins from ``n`` on, and lost at the grid point before), ``always`` (it wins
-    at every compared N), ``never`` (it does not win at the largest compared N), ``unknown`` (no N where
-    both were measured). ``n_interp`` interpolates the ratio in log-log between the two grid points that
-    bracket the crossing (None when the reference ran out of memory there).
-    """
-
-    status: str
-    n: int | None = None
-    n_interp: float | None = None
-    n_min: int | None = None
-    n_max: int | None = None
-
-    def text(self) -> str:
-        if self.status == "always":
-            return f"≤ {self.n_min:,}"
-        if self.status == "never":
-            return f"> {self.n_max:,}"
-        if self.status == "crossed":
-            approx = f" (≈{self.n_interp:,.0f})" if self.n_interp is not None else ""
-            return f"{self.n:,}{approx}"
-        return "n/a"
-
-
-def find_crossover(
-    ns: Iterable[int], candidate: Iterable[float | None], reference: Iterable[float | None]
-) -> Crossover:
-    """The smallest measured N from which ``candidate < reference`` at every larger measured N.
-
-    Args:
-        ns: sequence lengths, ascending or not.
-        candidate, reference: values at those lengths (lower is better): a float, ``math.inf`` for out of
-            memory (it loses to any finite value), or None where the point was not measured.
-    """
-    points = sorted(
-        (n, c, r)
-        for n, c, r in zip(ns, candidate, reference, strict=True)
-        if c is not None and r is not None and not (math.isinf(c) and math.isinf(r))
-    )
-    if not points:
-        return Crossover("unknown")
-    wins = [c < r for _, c, r in points]
-    n_min, n_max = points[0][0], points[-1][0]
-    if not wins[-1]:
-        return Crossover("never", n_min=n_min, n_max=n_max)
-    first = len(wins)
-    while first > 0 and wins[first - 1]:
-        first -= 1
-    if first == 0:
-        return Crossover("always", n=n_min, n_min=n_min, n_max=n_max)
-    (n_lo, c_lo, r_lo), (n_hi, c_hi, r_hi) = points[first - 1], points[first]
-    interp = None
-    if all(math.isfinite(x) and x > 0 for x in (c_lo, r_lo, c_hi, r_hi)):
-        rho_lo, rho_hi = math.log(c_lo / r_lo), math.log(c_hi / r_hi)
-        fraction = rho_lo / (rho_lo - rho_hi) if rho_lo != rho_hi else 1.0
-        interp = math.exp(math.log(n_lo) + fraction * (math.log(n_hi) - math.log(n_lo)))
-    return Crossover("crossed", n=n_hi, n_interp=interp, n_min=n_min, n_max=n_max)
-
-
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def _setting(row: dict[str, Any]) -> tuple:
-    return row["dtype"], row["batch"], row["heads"], row["causal"], row["masked"]
-
-
-def _setting_text(setting: tuple) -> str:
-    dtype, batch, heads, causal, masked = setting
-    return (
-        f"{dtype}, B={batch}, h={heads}, {'causal' if causal else 'non-causal'}, "
-        f"{'masked' if masked else 'unmasked'}"
-    )
-
-
-def _usable(row: dict[str, Any]) -> bool:
-    """Measured and not failing its correctness gate."""
-    return not row.get("skipped") and not row.get("error") and row.get("gate_ok") is not False
-
-
-def metric_value(row: dict[str, Any] | None, metric: str) -> float | None:
-    """A row's metric for the crossover finder: the value, inf when out of memory, else None."""
-    if row is None:
-        return None
-    if row.get("oom"):
-        return math.inf
-    return row.get(metric) if _usable(row) else None
-
-
-class OperatorTable:
-    """Operator rows indexed by (setting, head_dim, label, N)."""
-
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows = [row for row in rows if row["kind"] == "operator"]
-        self.index = {(_setting(r), r["head_dim"], r["label"], r["seq_len"]): r for r in self.rows}
-        self.settings = list(dict.fromkeys(_setting(r) for r in self.rows))
-        self.labels = list(dict.fromkeys(r["label"] for r in self.rows))
-        self.quadratic = {r["label"] for r in self.rows if r.get("quadratic")}
-
-    def head_dims(self, setting: tuple) -> list[int]:
-        return sorted({r["head_dim"] for r in self.rows if _setting(r) == setting})
-
-    def lengths(self, setting: tuple, head_dim: int) -> list[int]:
-        return sorted(
-            {r["seq_len"] for r in self.rows if _setting(r) == setting and r["head_dim"] == head_dim}
-        )
-
-    def get(self, setting: tuple, head_dim: int, label: str, n: int) -> dict[str, Any] | None:
-        return self.index.get((setting, head_dim, label, n))
-
-    def series(self, setting: tuple, head_dim: int, label: str, metric: str) -> tuple[list[int], list]:
-        ns = self.lengths(setting, head_dim)
-        return ns, [metric_value(self.get(setting, head_dim, label, n), metric) for n in ns]
-
-    def crossover(
-        self, setting: tuple, head_dim: int, candidate: str, reference: str, metric: str
-    ) -> Crossover:
-        ns, ours = self.series(setting, head_dim, candidate, metric)
-        _, theirs = self.series(setting, head_dim, reference, metric)
-        return find_crossover(ns, ours, theirs)
-
-    def flop_parity(self, setting: tuple, head_dim: int, label: str) -> float | None:
-        """N* = F_X/(4·B·h·N·d) at equal efficiency (spec 7.3), when X's FLOPs are linear in N."""
-        per_token = {
-            r["seq_len"]: r["flops"] / (r["batch"] * r["heads"] * r["seq_len"] * r["head_dim"] * 4)
-            for r in self.rows
-            if _setting(r) == setting and r["head_dim"] == head_dim and r["label"] == label and r.get("flops")
-        }
-        if len(per_token) < 2:
-            return None
-        values = list(per_token.values())
-        return values[0] if max(values) <= 1.01 * min(values) else None
-
-
-def _short(n: int) -> str:
-    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
@@ -184,14 +54,8 @@ def _fmt(value: float | None, digits: int = 3) -> str:
 def _cell(row: dict[str, Any] | None, metric: str) -> str:
     if row is None:
         return ""
-    if row.get("oom"):
-        return "OOM"
-    if row.get("skipped"):
-        return "skip"
-    if row.get("error"):
-        return "error"
-    if row.get("gate_ok") is False:
-        return "gate ✗"
+    if status_text(row):
+        return status_text(row)
     value = row.get(metric)
     iqr = row.get(f"{metric}_iqr")
     spread = f" ±{50 * iqr / value:.0f}%" if iqr and value else ""
@@ -268,10 +132,11 @@ METHOD_TEXT = """## Method
   run, because a materialised (N×N) method is past `max_n_quadratic`, or because its predicted wall time
   exceeded the preset's `point_budget_s`. `gate ✗`: the variant's output or gradients differ from the
   attention's first variant (in fp32) by more than the tolerance, so it is not reported.
-- FLOPs (spec 7.3): forward matmul FLOPs from each module's `flops()`; fwd+bwd = 3.5× forward for softmax,
-  3× for the others. Crossovers: the smallest grid N from which the method is better at every larger
-  measured N; `(≈x)` interpolates the ratio in log-log between the two bracketing grid points; `≤ N`: better
-  everywhere measured; `> N`: not better at the largest N measured against.
+- FLOPs: forward matmul FLOPs from each module's `flops()`; fwd+bwd = 3.5× forward for softmax (the
+  convention of FlashAttention-2's benchmarks, Dao 2023, arXiv 2307.08691), 3× for the others. Crossovers:
+  the smallest grid N from which the method is better at every larger measured N; `(≈x)` interpolates the
+  ratio in log-log between the two bracketing grid points; `≤ N`: better everywhere measured; `> N`: not
+  better at the largest N measured against.
 """
 
 
@@ -298,9 +163,9 @@ def taylorshift_section(table: OperatorTable) -> list[str]:
     lines = [
         "## TaylorShift: efficient against direct (measured) beside N0 / N1 (theory)",
         "",
-        "N0 = d² + d + 1 is the FLOP break-even, N1 the memory break-even (spec 3.5, "
-        "`crossover_n0`, `crossover_n1`); measured: from which N the efficient mode is faster "
-        "(fwd, fwd+bwd) or needs less peak memory (fwd+bwd) than the direct mode.",
+        "N0 = d² + d + 1 is the FLOP break-even, N1 the memory break-even (Nauen et al. 2024, "
+        "arXiv 2403.02920; `crossover_n0`, `crossover_n1`); measured: from which N the efficient mode is "
+        "faster (fwd, fwd+bwd) or needs less peak memory (fwd+bwd) than the direct mode.",
         "",
     ]
     ts_rows = [r for r in table.rows if r["attention"] == "taylorshift"]
@@ -315,36 +180,18 @@ def taylorshift_section(table: OperatorTable) -> list[str]:
     ]
     if not direct or not efficient:
         return lines + ["No pair of TaylorShift rows with mode=direct and mode=efficient in this run.", ""]
-    header = [
-        "setting",
-        "d",
-        "efficient variant",
-        "faster (fwd)",
-        "faster (fwd+bwd)",
-        "N0 (theory)",
-        "less memory (fwd+bwd)",
-        "N1 (theory)",
-    ]
+    header = "setting|d|efficient variant|faster (fwd)|faster (fwd+bwd)|N0 (theory)|less memory (fwd+bwd)|"
+    header += "N1 (theory)"
     body = []
     for setting in table.settings:
         for head_dim in table.head_dims(setting):
+            n0, n1 = f"{crossover_n0(head_dim):,}", f"{crossover_n1(head_dim):,}"
             for label in efficient:
-                found = [
-                    table.crossover(setting, head_dim, label, direct[0], metric).text() for metric in METRICS
-                ]
+                fwd, fwd_bwd, memory = table.crossover_texts(setting, head_dim, label, direct[0])
                 body.append(
-                    [
-                        _setting_text(setting),
-                        str(head_dim),
-                        f"`{label}`",
-                        found[0],
-                        found[1],
-                        f"{crossover_n0(head_dim):,}",
-                        found[2],
-                        f"{crossover_n1(head_dim):,}",
-                    ]
+                    [_setting_text(setting), str(head_dim), f"`{label}`", fwd, fwd_bwd, n0, memory, n1]
                 )
-    return lines + _md_table(header, body)
+    return lines + _md_table(header.split("|"), body)
 
 
 def softmax_section(table: OperatorTable, references: list[str]) -> list[str]:
@@ -352,8 +199,8 @@ def softmax_section(table: OperatorTable, references: list[str]) -> list[str]:
         "## Where each attention overtakes softmax",
         "",
         "Measured crossover N against each softmax reference (fwd time, fwd+bwd time, fwd+bwd peak "
-        "memory), and the FLOP-parity N* = F_X/(4Nd) of spec 7.3 (equal efficiency; methods whose "
-        "FLOPs are linear in N).",
+        "memory), and the FLOP-parity N* = F_X/(4Nd), where softmax's 4N²d forward FLOPs per head equal "
+        "the method's (equal efficiency; methods whose FLOPs are linear in N).",
         "",
     ]
     for reference in references:
@@ -368,17 +215,10 @@ def softmax_section(table: OperatorTable, references: list[str]) -> list[str]:
                 for label in table.labels:
                     if label == reference:
                         continue
-                    found = [table.crossover(setting, head_dim, label, reference, m).text() for m in METRICS]
+                    found = table.crossover_texts(setting, head_dim, label, reference)
                     parity = table.flop_parity(setting, head_dim, label)
-                    body.append(
-                        [
-                            _setting_text(setting),
-                            str(head_dim),
-                            f"`{label}`",
-                            *found,
-                            f"{parity:,.0f}" if parity else "—",
-                        ]
-                    )
+                    parity_text = f"{parity:,.0f}" if parity else "—"
+                    body.append([_setting_text(setting), str(head_dim), f"`{label}`", *found, parity_text])
         lines += _md_table(header, body)
     return lines
 
@@ -397,7 +237,7 @@ def model_section(rows: list[dict[str, Any]], reference: str | None) -> list[str
         "training step = forward, cross-entropy, backward, AdamW step (the task's optimiser). Peak "
         "memory: the step's rise above the live parameters and optimiser state. Ratios are against "
         f"`{reference}`; the LRA paper's published 4K ratios (TPU v3, batch 32, official model) are "
-        "beside ours (spec tasks.md 3.2: only its 4K column is confirmed).",
+        "beside ours (Tay et al. 2021, arXiv 2011.04006, Table 2: its 4K column).",
         "",
     ]
     if first.get("profile") != "official":
@@ -414,44 +254,31 @@ def model_section(rows: list[dict[str, Any]], reference: str | None) -> list[str
         row = index.get((label, n))
         return row.get(key) if row is not None and _usable(row) else None
 
-    def cell(label: str, n: int, key: str, ratio_of_reference: bool) -> str:
+    def cell(label: str, n: int, key: str) -> str:
         row = index.get((label, n))
         if row is None:
             return ""
         if not _usable(row):
-            return "OOM" if row.get("oom") else ("skip" if row.get("skipped") else "error")
+            return status_text(row)
         ours, theirs = row[key], value(reference, n, key) if reference else None
         ratio = f" ({ours / theirs:.2f}×)" if theirs else ""
         return _fmt(ours) + ratio
 
-    header = [
-        "method",
-        *[f"steps/s {n:,}" for n in lengths],
-        *[f"peak MB {n:,}" for n in lengths],
-        "paper 4K speed-up",
-        "paper 4K memory ratio",
-    ]
+    header = ["method", *[f"{key} {n:,}" for key in ("steps/s", "peak MB") for n in lengths]]
     body = []
     for label in labels:
         attention = index[next(k for k in index if k[0] == label)]["attention"]
         paper = PAPER_4K.get(attention) if label == attention else None
-        body.append(
-            [
-                f"`{label}`",
-                *[cell(label, n, "steps_per_s", True) for n in lengths],
-                *[cell(label, n, "peak_mb", True) for n in lengths],
-                f"{paper['speedup']:.1f}×" if paper else "",
-                f"{paper['memory_gb'] / PAPER_4K_SOFTMAX_MEMORY_GB:.2f}×" if paper else "",
-            ]
+        cells = [cell(label, n, key) for key in ("steps_per_s", "peak_mb") for n in lengths]
+        cells += (
+            [f"{paper['speedup']:.1f}×", f"{paper['memory_gb'] / PAPER_4K_SOFTMAX_MEMORY_GB:.2f}×"]
+            if paper
+            else ["", ""]
         )
-    lines += _md_table(header, body)
-    modes = sorted(
-        {
-            (r["label"], r.get("mode_used"))
-            for r in model_rows
-            if r["attention"] == "taylorshift" and r.get("mode_used")
-        }
-    )
+        body.append([f"`{label}`", *cells])
+    lines += _md_table([*header, "paper 4K speed-up", "paper 4K memory ratio"], body)
+    ts_rows = [r for r in model_rows if r["attention"] == "taylorshift" and r.get("mode_used")]
+    modes = sorted({(r["label"], r["mode_used"]) for r in ts_rows})
     if modes:
         lines += [
             "TaylorShift modes that ran: " + "; ".join(f"`{label}` → {mode}" for label, mode in modes),
@@ -479,67 +306,6 @@ def problems_section(rows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-def plot(table: OperatorTable, out_dir: Path) -> list[Path]:
-    """time_vs_n.png (fwd and fwd+bwd rows) and memory_vs_n.png, one panel per d, for the first setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
-    if not table.settings:
-        return []
-    setting = table.settings[0]
-    head_dims = table.head_dims(setting)
-    colours = plt.get_cmap("tab10" if len(table.labels) <= 10 else "tab20")
-    style = {
-        label: {
-            "color": colours(i % colours.N),
-            "linestyle": "--" if label in table.quadratic else "-",
-            "marker": "o",
-            "markersize": 3,
-            "label": label,
-        }
-        for i, label in enumerate(table.labels)
-    }
-    written = []
-    for name, metrics in (("time_vs_n", ["fwd_ms", "fwd_bwd_ms"]), ("memory_vs_n", ["peak_mb"])):
-        fig, axes = plt.subplots(
-            len(metrics), len(head_dims), squeeze=False, figsize=(5.2 * len(head_dims), 3.8 * len(metrics))
-        )
-        for row_axes, metric in zip(axes, metrics, strict=True):
-            for ax, head_dim in zip(row_axes, head_dims, strict=True):
-                for label in table.labels:
-                    ns, values = table.series(setting, head_dim, label, metric)
-                    points = [
-                        (n, v)
-                        for n, v in zip(ns, values, strict=True)
-                        if v is not None and math.isfinite(v) and v > 0
-                    ]
-                    if points:
-                        ax.plot(*zip(*points, strict=True), **style[label])
-                ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
-                lengths = table.lengths(setting, head_dim)
-                ax.set_xticks(lengths, [_short(n) for n in lengths])
-                ax.xaxis.set_minor_locator(ticker.NullLocator())
-                ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
-                ax.yaxis.set_minor_formatter(ticker.NullFormatter())
-                ax.set_xlabel("sequence length N")
-                ax.set_ylabel(METRICS[metric])
-                ax.set_title(f"d = {head_dim}")
-                ax.grid(True, which="both", alpha=0.3)
-        handles, names = axes[0][0].get_legend_handles_labels()
-        fig.suptitle(f"{table.rows[0].get('device_name')}: {_setting_text(setting)}", fontsize=10)
-        fig.tight_layout()
-        fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-        path = out_dir / f"{name}.png"
-        fig.savefig(path, dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
 def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
     """report.md and the plots from a rows.jsonl; returns the report's path."""
     jsonl = Path(jsonl)
@@ -559,7 +325,7 @@ def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
         + ", ".join(f"[`{p.name}`]({p.name})" for p in plots)
         + ". Regenerate this file "
         "from the rows with `python -m lra.bench_report <this folder>/rows.jsonl`; rerun the benchmark "
-        f'with `make bench ARGS="bench={run.get("preset", "default")}"`.',
+        f"with `{rerun_command(run, out_dir)}`.",
         "",
     ]
     lines += environment_section(run, end, calibration)
@@ -575,7 +341,62 @@ def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
     return path
 
 
+def rerun_command(run: dict[str, Any], out_dir: Path) -> str:
+    """The ``make bench`` line that repeats a run: its preset, a Hydra override for each setting in which
+    the run's recorded config differs from the preset as committed now, and the label and ``output_dir``
+    where they are not the defaults (a run writes into the committed ``results/`` only when told to)."""
+    from omegaconf import OmegaConf
+
+    preset = run.get("preset", "default")
+    args = [f"bench={preset}"]
+    preset_path = REPO_ROOT / "conf" / "bench" / f"{preset}.yaml"
+    if run.get("config") and preset_path.is_file():
+        committed = _flatten(OmegaConf.to_container(OmegaConf.load(preset_path)), "bench")
+        recorded = _flatten(run["config"], "bench")
+        args += [f"~{key}" for key in committed if key not in recorded]
+        args += [
+            ("" if key in committed else "+") + f"{key}={_hydra_value(value)}"
+            for key, value in recorded.items()
+            if key not in committed or committed[key] != value
+        ]
+    if run.get("label", "cpu") != device_label(run.get("device", "cpu"), run.get("device_name", "")):
+        args.append(f"label={run['label']}")
+    folder = Path(out_dir).resolve().parent
+    if folder.is_relative_to(REPO_ROOT) and not folder.is_relative_to(REPO_ROOT / "outputs"):
+        args.append(f"output_dir={folder.relative_to(REPO_ROOT)}")
+    words = [arg if re.fullmatch(r"[\w.,:=+~/-]+", arg) else f"'{arg}'" for arg in args]
+    return 'make bench ARGS="' + " ".join(words).replace('"', '\\"') + '"'
+
+
+def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+    """``{"a.b.c": leaf}`` of a nested mapping; lists are leaves, as a Hydra override replaces them whole."""
+    if not isinstance(node, dict) or not node:
+        return {prefix: node}
+    return {
+        key: leaf for name, child in node.items() for key, leaf in _flatten(child, f"{prefix}.{name}").items()
+    }
+
+
+def _hydra_value(value: Any) -> str:
+    """``value`` in Hydra's override grammar."""
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{key}:{_hydra_value(item)}" for key, item in value.items()) + "}"
+    if isinstance(value, str):
+        # A string that Hydra would read as a number, bool or null, or that holds its syntax, is quoted.
+        plain = re.fullmatch(r"[A-Za-z_][\w./-]*", value) and value.lower() not in ("true", "false", "null")
+        return value if plain else json.dumps(value)
+    return json.dumps(value)
+
+
+def report_cli(write: Callable[[Path], Path], module: str, argv: list[str] | None = None) -> None:
+    """``python -m <module> <rows.jsonl>``: rewrite the report (and its plots) beside the rows."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        sys.exit(f"usage: python -m {module} <rows.jsonl>")
+    print(write(Path(argv[0])))
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m lra.bench_report <rows.jsonl>")
-    print(write_report(Path(sys.argv[1])))
+    report_cli(write_report, "lra.bench_report")

@@ -1,21 +1,24 @@
-"""Throughput and peak-memory callbacks, identical for every attention so runs compare directly."""
+"""Throughput and peak-memory callbacks, identical for every attention so runs compare directly.
+
+The clocks and memory counters are ``lra/timing.py``'s, the ones the efficiency benchmark reads."""
 
 from __future__ import annotations
 
 import gc
-import resource
-import sys
 import time
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from lra.timing import (
+    peak_allocated,
+    process_peak_rss_gb,
+    process_rss_gb,
+    reset_peak_allocated,
+    reset_process_peak_rss,
+    synchronize,
+)
 
 
 class ThroughputMonitor(L.Callback):
@@ -56,30 +59,30 @@ class ThroughputMonitor(L.Callback):
     ) -> None:
         if self.started is None:
             if trainer.global_step >= self.warmup_steps:
-                _sync(pl_module.device)
+                synchronize(pl_module.device)
                 self.started = time.perf_counter()
             return
         self.steps += 1
         self.samples += int(batch["label"].shape[0])
         self.tokens += sum(int(batch[key].numel()) for key in ("input_ids", "input_ids_2") if key in batch)
         if self.steps % max(1, trainer.log_every_n_steps) == 0:
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             self._update()
             pl_module.log_dict({f"perf/{key}": value for key, value in self.summary.items()})
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.started is not None and not trainer.sanity_checking:
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             self.paused_at = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.paused_at is not None:
-            _sync(pl_module.device)
+            synchronize(pl_module.device)
             self.excluded += time.perf_counter() - self.paused_at
             self.paused_at = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        _sync(pl_module.device)
+        synchronize(pl_module.device)
         self._update()
 
     def _update(self) -> None:
@@ -96,46 +99,6 @@ class ThroughputMonitor(L.Callback):
         }
 
 
-def process_peak_rss_gb() -> float:
-    """Peak resident memory of this process: ``VmHWM`` on Linux (resettable), else ``ru_maxrss``."""
-    peak_kib = _proc_status_kib("VmHWM")
-    if peak_kib is not None:
-        return peak_kib / 1024**2
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / (1024**3 if sys.platform == "darwin" else 1024**2)
-
-
-def process_rss_gb() -> float | None:
-    """Current resident memory of this process (Linux only, else None)."""
-    rss_kib = _proc_status_kib("VmRSS")
-    return None if rss_kib is None else rss_kib / 1024**2
-
-
-def reset_process_peak_rss() -> bool:
-    """Restart the peak-RSS counter at the current RSS (Linux: ``clear_refs`` 5); False where unsupported.
-
-    A Hydra multirun trains its jobs one after another in one process: without the reset, every job would
-    report the largest peak of all the jobs before it.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-    except OSError:
-        return False
-    return _proc_status_kib("VmHWM") is not None
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 class PeakMemoryMonitor(L.Callback):
     """``perf/peak_mem_gb``: CUDA peak allocated memory on a GPU, the process peak RSS on a CPU.
 
@@ -150,7 +113,7 @@ class PeakMemoryMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(pl_module.device)
+            reset_peak_allocated(pl_module.device)
             return
         gc.collect()
         since_train_start = reset_process_peak_rss()
@@ -163,7 +126,7 @@ class PeakMemoryMonitor(L.Callback):
 
     def _measure(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
-            peak = torch.cuda.max_memory_allocated(pl_module.device) / 1024**3
+            peak = peak_allocated(pl_module.device) / 1024**3
             self.summary = {"peak_mem_gb": peak, "peak_mem_kind": "cuda_max_allocated"}
         else:
             self.summary = {

@@ -1,16 +1,17 @@
-"""Measure TaylorShift's direct/efficient crossover N0 for this device and dtype, for ``mode: auto``.
+"""Crossovers: from which sequence length one method beats another, found on measured points
+(``find_crossover``, read by the benchmark reports) and measured for TaylorShift's ``mode: auto``.
 
     python -m lra.crossover                                  # cpu, float32, d = 16 32 64: prints the table
     python -m lra.crossover --write                          # ... and merges it into the committed table
     python -m lra.crossover --device cuda --dtype bfloat16 --head-dims 32 64 --write
 
-For each head dimension d it times forward+backward of the TaylorShift module in both modes on the same
-inputs, interleaved, best of ``--repeats``, on a geometric grid of N, and reports the smallest N from which
-the efficient mode is at least as fast (log-interpolated between the two grid points around the switch).
-On CPU the time is the calling thread's CPU time (``time.thread_time``, with one intra-op thread), so a busy
-machine disturbs it less than wall time; on CUDA it is wall time between synchronisations. The table lives in
-``models/attention/crossover.json``, keyed by device kind, dtype and d; ``TaylorShiftOptions`` reads it when
-``n0: table`` (the default) and falls back to the FLOP theory d² + d + 1 where it has no entry.
+For each head dimension d the script times forward+backward of the TaylorShift module in both modes on the
+same inputs, interleaved, best of ``--repeats``, on a geometric grid of N, and reports the smallest N from
+which the efficient mode is faster (log-interpolated between the two grid points around the switch). On CPU
+the time is the calling thread's CPU time (``time.thread_time``, with one intra-op thread), so a busy machine
+disturbs it less than wall time; on CUDA it is the time between CUDA events (``lra/timing.py``). The table
+lives in ``models/attention/crossover.json``, keyed by device kind, dtype and d; ``TaylorShiftOptions`` reads
+it when ``n0: table`` (the default) and falls back to the FLOP theory d² + d + 1 where it has no entry.
 """
 
 from __future__ import annotations
@@ -19,25 +20,77 @@ import argparse
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 
+from lra.timing import time_calls
 from models.attention.taylorshift import CROSSOVER_TABLE, TaylorShiftAttention, crossover_n0
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _seconds(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cpu":
-        start = time.thread_time()
-        fn()
-        return time.thread_time() - start
-    torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize(device)
-    return time.perf_counter() - start
+@dataclass(frozen=True)
+class Crossover:
+    """Where a candidate starts beating a reference on the measured grid.
+
+    ``status``: ``crossed`` (it wins from ``n`` on, and lost at the grid point before), ``always`` (it wins
+    at every compared N), ``never`` (it does not win at the largest compared N), ``unknown`` (no N where
+    both were measured). ``n_interp`` interpolates the ratio in log-log between the two grid points that
+    bracket the crossing (None when the reference ran out of memory there).
+    """
+
+    status: str
+    n: int | None = None
+    n_interp: float | None = None
+    n_min: int | None = None
+    n_max: int | None = None
+
+    def text(self) -> str:
+        if self.status == "always":
+            return f"≤ {self.n_min:,}"
+        if self.status == "never":
+            return f"> {self.n_max:,}"
+        if self.status == "crossed":
+            approx = f" (≈{self.n_interp:,.0f})" if self.n_interp is not None else ""
+            return f"{self.n:,}{approx}"
+        return "n/a"
+
+
+def find_crossover(
+    ns: Iterable[int], candidate: Iterable[float | None], reference: Iterable[float | None]
+) -> Crossover:
+    """The smallest measured N from which ``candidate < reference`` at every larger measured N.
+
+    Args:
+        ns: sequence lengths, ascending or not.
+        candidate, reference: values at those lengths (lower is better): a float, ``math.inf`` for out of
+            memory (it loses to any finite value), or None where the point was not measured.
+    """
+    points = sorted(
+        (n, c, r)
+        for n, c, r in zip(ns, candidate, reference, strict=True)
+        if c is not None and r is not None and not (math.isinf(c) and math.isinf(r))
+    )
+    if not points:
+        return Crossover("unknown")
+    wins = [c < r for _, c, r in points]
+    n_min, n_max = points[0][0], points[-1][0]
+    if not wins[-1]:
+        return Crossover("never", n_min=n_min, n_max=n_max)
+    first = len(wins)
+    while first > 0 and wins[first - 1]:
+        first -= 1
+    if first == 0:
+        return Crossover("always", n=n_min, n_min=n_min, n_max=n_max)
+    (n_lo, c_lo, r_lo), (n_hi, c_hi, r_hi) = points[first - 1], points[first]
+    interp = None
+    if all(math.isfinite(x) and x > 0 for x in (c_lo, r_lo, c_hi, r_hi)):
+        rho_lo, rho_hi = math.log(c_lo / r_lo), math.log(c_hi / r_hi)
+        fraction = rho_lo / (rho_lo - rho_hi) if rho_lo != rho_hi else 1.0
+        interp = math.exp(math.log(n_lo) + fraction * (math.log(n_hi) - math.log(n_lo)))
+    return Crossover("crossed", n=n_hi, n_interp=interp, n_min=n_min, n_max=n_max)
 
 
 def time_modes(
@@ -49,7 +102,7 @@ def time_modes(
     dtype: torch.dtype,
     repeats: int,
 ) -> dict[str, float]:
-    """Best forward+backward seconds of the direct and the efficient mode on the same inputs."""
+    """Best forward+backward milliseconds of the direct and the efficient mode on the same inputs."""
     generator = torch.Generator().manual_seed(seq_len)
     shape = (batch, heads, seq_len, head_dim)
     q, k, v, grad = (torch.randn(shape, generator=generator).to(device, dtype) for _ in range(4))
@@ -69,7 +122,8 @@ def time_modes(
         step(module)  # warm-up
     for _ in range(repeats):
         for mode, module in modules.items():
-            best[mode] = min(best[mode], _seconds(lambda module=module: step(module), device))
+            (ms,) = time_calls(lambda module=module: step(module), device, 1, cpu_clock=time.thread_time)
+            best[mode] = min(best[mode], ms)
     return best
 
 
@@ -83,26 +137,27 @@ def measure_n0(
     max_len: int = 8192,
     verbose: bool = True,
 ) -> int | None:
-    """Smallest N from which the efficient mode is not slower (None: direct wins up to ``max_len``)."""
-    previous: tuple[int, float] | None = None  # (N, log time ratio efficient/direct) of the last grid point
+    """Smallest N from which the efficient mode is faster (None: direct wins up to ``max_len``); the grid
+    stops at the first N where it wins."""
+    lengths: list[int] = []
+    times: dict[str, list[float]] = {"direct": [], "efficient": []}
     seq_len = 16
     while seq_len <= max_len:
-        times = time_modes(seq_len, head_dim, batch, heads, device, dtype, repeats)
-        log_ratio = math.log(times["efficient"] / times["direct"])
+        measured = time_modes(seq_len, head_dim, batch, heads, device, dtype, repeats)
         if verbose:
             print(
-                f"  d={head_dim} N={seq_len}: direct {times['direct'] * 1e3:.2f} ms, "
-                f"efficient {times['efficient'] * 1e3:.2f} ms",
+                f"  d={head_dim} N={seq_len}: direct {measured['direct']:.2f} ms, "
+                f"efficient {measured['efficient']:.2f} ms",
                 flush=True,
             )
-        if log_ratio <= 0:
-            if previous is None:
-                return seq_len
-            # Log-linear interpolation of the ratio between the last losing and this winning point.
-            n_prev, r_prev = previous
-            t = r_prev / (r_prev - log_ratio)
-            return round(math.exp(math.log(n_prev) + t * (math.log(seq_len) - math.log(n_prev))))
-        previous = (seq_len, log_ratio)
+        lengths.append(seq_len)
+        for mode, ms in measured.items():
+            times[mode].append(ms)
+        found = find_crossover(lengths, times["efficient"], times["direct"])
+        if found.status == "always":
+            return found.n
+        if found.status == "crossed":
+            return round(found.n_interp) if found.n_interp is not None else found.n
         seq_len = round(seq_len * math.sqrt(2))
     return None
 

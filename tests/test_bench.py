@@ -1,17 +1,24 @@
-"""The efficiency benchmark (lra/bench.py, lra/bench_report.py): the smoke preset end to end, an OOM that
-becomes a row, the crossover finder, the CPU peak-memory accounting. No timing is asserted."""
+"""The efficiency benchmark (lra/bench.py, lra/bench_levels.py, lra/bench_report.py): the smoke preset end to
+end, an OOM that becomes a row, the crossover finder, the CPU peak-memory accounting, the sweep's failure
+rows and the report's rerun command. No timing is asserted."""
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from PIL import Image
 
-from lra.bench import TimeCap, peak_memory_mb, registered_attentions, run, variants_from_config
-from lra.bench_report import OperatorTable, find_crossover
+from lra.bench import registered_attentions, run, variants_from_config
+from lra.bench_report import rerun_command
+from lra.bench_rows import OperatorTable
+from lra.crossover import find_crossover
+from lra.summary import REPO_ROOT
+from lra.timing import Sweep, TimeCap, peak_memory_mb
 from models.attention.linformer import LinformerAttention
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -241,3 +248,34 @@ def test_variants_come_from_the_registry_and_the_preset():
     assert direct.quadratic and direct.overrides == {"mode": "direct"}
     with pytest.raises(ValueError, match="no conf/attention"):
         variants_from_config({"nonexistent": [{}]}, registered_attentions())
+
+
+def test_sweep_turns_failures_into_rows_and_skips_after_out_of_memory():
+    sweep = Sweep(torch.device("cpu"), point_budget_s=600, timed_key="ms")
+
+    def fail(error):
+        def measure():
+            raise error
+
+        return measure
+
+    broken = sweep.point({}, ("a",), 16, fail(ValueError("bad shape\nmore lines")))
+    assert broken["error"] == "ValueError: bad shape" and broken["oom"] is False and broken["wall_s"] >= 0
+    assert sweep.point({}, ("a",), 32, lambda: {"ms": 1.0})["ms"] == 1.0  # an error does not stop the series
+    oom = sweep.point({}, ("b",), 16, fail(RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    assert oom["oom"] is True and oom["error"].startswith("RuntimeError")
+    after = sweep.point({}, ("b",), 32, lambda: {"ms": 1.0})
+    assert after["oom"] is True and after["skipped"] == "out of memory at N=16" and "ms" not in after
+    assert sweep.point({}, ("c",), 16, lambda: {"ms": 1.0}, skip="not causal")["skipped"] == "not causal"
+
+
+@pytest.mark.parametrize("folder", sorted(p.name for p in (REPO_ROOT / "results" / "efficiency").iterdir()))
+def test_rerun_command_reproduces_the_committed_runs_config(folder):
+    out_dir = REPO_ROOT / "results" / "efficiency" / folder
+    recorded = json.loads((out_dir / "rows.jsonl").read_text().splitlines()[0])
+    command = shlex.split(rerun_command(recorded, out_dir))
+    assert command[:2] == ["make", "bench"] and command[2].startswith("ARGS=")
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("bench", overrides=shlex.split(command[2].removeprefix("ARGS=")))
+    assert OmegaConf.to_container(cfg.bench, resolve=True) == recorded["config"]
+    assert Path(cfg.output_dir) / (cfg.label or "cpu") == out_dir.relative_to(REPO_ROOT)

@@ -1,0 +1,431 @@
+"""The efficiency benchmark's two levels (run by ``lra/bench.py``), over one sweep.
+
+* operator: the attention module alone on fresh N(0, 1) ``q, k, v [B, H, N, d]``; forward (no grad) and
+  forward + backward (random dO) times, median and IQR over repeats after warm-up; peak memory of fwd+bwd
+  with the inputs excluded; a correctness gate against the attention's first variant.
+* model: the whole LRA model of a task (``conf/config.yaml`` composed with ``task=...``), one training step
+  (forward, backward, optimiser step) at each sequence length: steps/s and peak memory, for the LRA paper's
+  speed/memory comparison (Tay et al. 2021, arXiv 2011.04006, Table 2).
+
+Both levels measure with ``lra/timing.py`` and hand every point to ``Sweep.point``, which turns whatever
+happens (measured, skipped, out of memory, failed) into the point's row.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import partial
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from lra.errors import ConfigError
+from lra.registry import ATTENTION_DIR, attention_factory, registered_attentions
+from lra.summary import to_jsonable
+from lra.timing import Sweep, median_ms, peak_memory_mb, release_memory, warm_up
+from models.attention.base import Attention
+
+# Keys of a variant that steer the benchmark rather than the attention's constructor.
+VARIANT_BENCH_KEYS = ("quadratic", "compile")
+# What every row of a variant records about it.
+ROW_FIELDS = ("attention", "variant", "label", "overrides", "compile")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One benchmarked configuration of a registered attention.
+
+    Args:
+        attention: the registry name (``conf/attention/<attention>.yaml``).
+        overrides: constructor keys merged over the YAML (e.g. ``{"mode": "direct"}``).
+        quadratic: the method materialises N×N, so it runs only up to ``max_n_quadratic``.
+        compile: wrap the module in ``torch.compile`` (compilation happens in the warm-up).
+    """
+
+    attention: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+    quadratic: bool = False
+    compile: bool = False
+
+    @property
+    def variant(self) -> str:
+        parts = [f"{key}={value}" for key, value in self.overrides.items()]
+        parts += ["compile"] if self.compile else []
+        return ",".join(parts) or "default"
+
+    @property
+    def label(self) -> str:
+        return self.attention if self.variant == "default" else f"{self.attention} {self.variant}"
+
+    def row_fields(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in ROW_FIELDS}
+
+
+def variants_from_config(variants_cfg: Any, attentions: list[str]) -> list[Variant]:
+    """Expand ``{attention: [overrides, ...]}``; an attention without an entry runs its YAML as it is."""
+    by_attention = (
+        OmegaConf.to_container(variants_cfg, resolve=True)
+        if isinstance(variants_cfg, DictConfig)
+        else dict(variants_cfg or {})
+    )
+    unknown = sorted(set(by_attention) - set(registered_attentions()))
+    if unknown:
+        raise ConfigError(
+            f"bench.variants names attentions {unknown} that have no conf/attention/<name>.yaml"
+        )
+    result = []
+    for name in attentions:
+        for entry in by_attention.get(name) or [{}]:
+            entry = dict(entry or {})
+            bench_keys = {key: bool(entry.pop(key, False)) for key in VARIANT_BENCH_KEYS}
+            result.append(Variant(name, entry, **bench_keys))
+    return result
+
+
+def attention_values(values: dict[str, Any]) -> dict[str, Any]:
+    """An attention's ``log_values()`` as row fields: plain numbers, without the per-head temperatures."""
+    return {
+        key: (value.item() if isinstance(value, Tensor) else value)
+        for key, value in values.items()
+        if not key.startswith("tau_")
+    }
+
+
+def _gflops(flops: float | None, ms: float | None) -> float | None:
+    return None if not flops or not ms else flops / (ms * 1e6)
+
+
+def _relative_error(x: Tensor, reference: Tensor) -> float:
+    reference = reference.double()
+    return float((x.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
+
+
+@dataclass
+class Shape:
+    batch: int
+    heads: int
+    seq_len: int
+    head_dim: int
+    causal: bool
+    masked: bool
+
+    def series_key(self) -> tuple:
+        """Everything but N: the points of one line of a plot."""
+        return self.batch, self.heads, self.head_dim, self.causal, self.masked
+
+
+def operator_shapes(grid: DictConfig) -> Iterator[Shape]:
+    axes = (grid.head_dim, sorted(grid.seq_len), grid.batch, grid.heads, grid.causal, grid.masked)
+    for head_dim, seq_len, batch, heads, causal, masked in itertools.product(*axes):
+        yield Shape(batch, heads, seq_len, head_dim, causal, masked)
+
+
+def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
+    """Fresh N(0, 1) q, k, v (leaves that require grad), dO, and the mask (the last N/8 tokens padded)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    size = (shape.batch, shape.heads, shape.seq_len, shape.head_dim)
+    q, k, v, dout = (torch.randn(size, generator=generator).to(device=device, dtype=dtype) for _ in range(4))
+    mask = None
+    if shape.masked:
+        real = shape.seq_len - shape.seq_len // 8
+        mask = (torch.arange(shape.seq_len) < real).expand(shape.batch, -1).to(device)
+    leaves = {name: tensor.requires_grad_() for name, tensor in zip("qkv", (q, k, v), strict=True)}
+    return {**leaves, "dout": dout, "mask": mask}
+
+
+def build_operator(
+    variant: Variant,
+    shape: Shape,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int,
+    attn_dropout: float = 0.0,
+) -> tuple[Attention, Callable]:
+    """The module in eval mode (same seed for every variant, so random features and projections agree) and
+    the callable to time (the module, or its ``torch.compile`` wrapper)."""
+    torch.manual_seed(seed)
+    module = attention_factory(variant.attention, variant.overrides, attn_dropout)(
+        num_heads=shape.heads, head_dim=shape.head_dim, max_len=shape.seq_len, causal=shape.causal
+    )
+    module = module.to(device=device, dtype=dtype).eval()
+    if not variant.compile:
+        return module, module
+    # A fresh compile per shape: cached graphs from other shapes would hit the recompile limit and
+    # silently fall back to eager.
+    torch._dynamo.reset()
+    return module, torch.compile(module)
+
+
+def _fwd_bwd(call: Callable, module: Attention, inputs: dict[str, Any]) -> Tensor:
+    for name in "qkv":
+        inputs[name].grad = None
+    module.zero_grad(set_to_none=True)
+    out = call(inputs["q"], inputs["k"], inputs["v"], inputs["mask"])
+    out.backward(inputs["dout"])
+    return out
+
+
+def _fwd(call: Callable, inputs: dict[str, Any]) -> Tensor:
+    with torch.no_grad():
+        return call(inputs["q"], inputs["k"], inputs["v"], inputs["mask"])
+
+
+class OperatorBench:
+    """The operator level: every variant on every shape of the grid, interleaved per shape."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        variants: list[Variant],
+        device: torch.device,
+        dtype: torch.dtype,
+        env: dict[str, Any],
+        calibration: dict[str, Any] | None,
+    ) -> None:
+        self.cfg, self.grid = cfg, cfg.bench.operator_level
+        self.variants, self.device, self.dtype, self.env = variants, device, dtype, env
+        self.matmul_gflops = calibration["matmul_gflops"] if calibration else None
+        self.sweep = Sweep(device, self.grid.point_budget_s, timed_key="fwd_bwd_ms")
+        self.gate_reference: dict[str, dict[str, Tensor] | None] = {}
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        for shape in operator_shapes(self.grid):
+            inputs = make_inputs(shape, self.device, self.dtype, self.cfg.seed)
+            sdpa_default = self._sdpa_default(inputs, shape)
+            self.gate_reference = {}
+            for variant in self.variants:
+                yield self.sweep.point(
+                    self.base_row(variant, shape, sdpa_default),
+                    (variant.label, *shape.series_key()),
+                    shape.seq_len,
+                    partial(self.measure, variant, shape, inputs),
+                    skip=self.skip_reason(variant, shape),
+                )
+            del inputs
+            release_memory(self.device)
+
+    def base_row(self, variant: Variant, shape: Shape, sdpa_default: str) -> dict[str, Any]:
+        return {
+            "kind": "operator",
+            **self.env,
+            **variant.row_fields(),
+            "quadratic": variant.quadratic,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "batch": shape.batch,
+            "heads": shape.heads,
+            "seq_len": shape.seq_len,
+            "head_dim": shape.head_dim,
+            "causal": shape.causal,
+            "masked": shape.masked,
+            "sdpa_default": sdpa_default,
+        }
+
+    def _sdpa_default(self, inputs: dict[str, Any], shape: Shape) -> str:
+        from models.attention.softmax import probe_dispatched_backend
+
+        try:
+            return probe_dispatched_backend(
+                inputs["q"], inputs["k"], inputs["v"], inputs["mask"], shape.causal
+            )
+        except RuntimeError as error:
+            return f"none ({str(error).splitlines()[0][:80]})"
+
+    def skip_reason(self, variant: Variant, shape: Shape) -> str | None:
+        """Why this point is not run, before the sweep's own reasons (out of memory, time cap)."""
+        if variant.quadratic and shape.seq_len > self.grid.max_n_quadratic:
+            return f"materialises N×N: N > max_n_quadratic={self.grid.max_n_quadratic}"
+        if shape.causal and not get_class(_target(variant)).supports_causal:
+            return "not causal"
+        return None
+
+    def measure(self, variant: Variant, shape: Shape, inputs: dict[str, Any]) -> dict[str, Any]:
+        try:
+            module, call = build_operator(
+                variant, shape, self.device, self.dtype, self.cfg.seed, self.cfg.model.attn_dropout
+            )
+            return self._measure(variant, shape, inputs, module, call)
+        finally:
+            for name in "qkv":
+                inputs[name].grad = None
+
+    def _measure(
+        self, variant: Variant, shape: Shape, inputs: dict[str, Any], module: Attention, call: Callable
+    ) -> dict[str, Any]:
+        grid, device = self.grid, self.device
+
+        def fwd_bwd() -> Tensor:
+            return _fwd_bwd(call, module, inputs)
+
+        gate = self._gate(variant, shape, warm_up(fwd_bwd, device, grid.warmup), inputs)
+        peak_mb = peak_memory_mb(fwd_bwd, device)
+        fb_ms, fb_iqr = median_ms(fwd_bwd, device, grid.repeats)
+        warm_up(lambda: _fwd(call, inputs), device, grid.warmup)
+        fwd_ms, fwd_iqr = median_ms(lambda: _fwd(call, inputs), device, grid.repeats)
+        flops = float(module.flops(shape.batch, shape.heads, shape.seq_len, shape.head_dim))
+        factors = self.cfg.fwd_bwd_flop_factor
+        fb_flops = flops * float(factors.get(variant.attention, factors.default))
+        softmax_flops = 4.0 * shape.batch * shape.heads * shape.seq_len**2 * shape.head_dim
+        values = attention_values(module.log_values())
+        row = {
+            "fwd_ms": fwd_ms,
+            "fwd_ms_iqr": fwd_iqr,
+            "fwd_bwd_ms": fb_ms,
+            "fwd_bwd_ms_iqr": fb_iqr,
+            "repeats": grid.repeats,
+            "peak_mb": peak_mb,
+            "flops": flops,
+            "fwd_bwd_flops": fb_flops,
+            "fwd_gflops": _gflops(flops, fwd_ms),
+            "fwd_bwd_gflops": _gflops(fb_flops, fb_ms),
+            "softmax_equiv_fwd_gflops": _gflops(softmax_flops, fwd_ms),
+            "softmax_equiv_fwd_bwd_gflops": _gflops(3.5 * softmax_flops, fb_ms),
+            "values": values,
+            **{key: values.get(key) for key in ("backend", "backend_dispatched", "mode_used", "impl_used")},
+            **gate,
+        }
+        if self.matmul_gflops:
+            row["fwd_pct_of_matmul"] = 100 * row["fwd_gflops"] / self.matmul_gflops
+        return row
+
+    def _gate(self, variant: Variant, shape: Shape, out: Tensor, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Output and q/k/v gradients against the attention's first variant run in fp32."""
+        if shape.seq_len > self.grid.gate_max_n:
+            return {"gate_err": None, "gate_ok": None}
+        reference = self._gate_reference(variant, shape, inputs)
+        if reference is None:
+            return {"gate_err": None, "gate_ok": None}
+        ours = {"out": out.detach(), **{name: inputs[name].grad for name in "qkv"}}
+        err = max(_relative_error(ours[name], reference[name]) for name in reference)
+        tolerance = float(self.grid.gate_tol[str(self.dtype).removeprefix("torch.")])
+        return {"gate_err": err, "gate_ok": err <= tolerance, "gate_against": self._first(variant).variant}
+
+    def _first(self, variant: Variant) -> Variant:
+        return next(v for v in self.variants if v.attention == variant.attention)
+
+    def _gate_reference(self, variant: Variant, shape: Shape, inputs: dict[str, Any]) -> dict | None:
+        if variant.attention in self.gate_reference:
+            return self.gate_reference[variant.attention]
+        first = replace(self._first(variant), compile=False)
+        reference = None
+        try:
+            module, call = build_operator(first, shape, self.device, torch.float32, self.cfg.seed)
+            leaves = {name: inputs[name].detach().float().requires_grad_() for name in "qkv"}
+            fp32 = {**leaves, "dout": inputs["dout"].float(), "mask": inputs["mask"]}
+            out = _fwd_bwd(call, module, fp32)
+            reference = {"out": out.detach(), **{name: leaves[name].grad for name in "qkv"}}
+        except Exception:  # noqa: BLE001 - no reference (e.g. a pinned backend without fp32): no gate
+            reference = None
+        self.gate_reference[variant.attention] = reference
+        return reference
+
+
+def _target(variant: Variant) -> str:
+    return str(OmegaConf.load(ATTENTION_DIR / f"{variant.attention}.yaml")["_target_"])
+
+
+class ModelBench:
+    """The model level: one LRA model per attention variant, training steps/s and peak memory."""
+
+    def __init__(
+        self, cfg: DictConfig, variants: list[Variant], device: torch.device, env: dict[str, Any]
+    ) -> None:
+        self.cfg, self.level = cfg, cfg.bench.model_level
+        self.variants, self.device, self.env = variants, device, env
+        self.sweep = Sweep(device, self.level.point_budget_s, timed_key="step_ms")
+        self._task_cfg: DictConfig | None = None
+
+    def compose_task(self, variant: Variant, seq_len: int) -> DictConfig:
+        """conf/config.yaml for the task as train.py would see it, with this attention variant, length and
+        batch size (composed once; the attention node is swapped like the ``attention=<name>`` override)."""
+        if self._task_cfg is None:
+            from hydra import compose
+
+            overrides = [
+                f"task={self.level.task}",
+                f"profile={self.level.profile}",
+                f"data.batch_size={self.level.batch_size}",
+                *self.level.overrides,
+            ]
+            self._task_cfg = compose(config_name="config", overrides=overrides)
+        cfg = self._task_cfg.copy()
+        cfg.data.seq_len = seq_len
+        cfg.attention = OmegaConf.merge(
+            OmegaConf.load(ATTENTION_DIR / f"{variant.attention}.yaml"), variant.overrides
+        )
+        return cfg
+
+    def rows(self) -> Iterator[dict[str, Any]]:
+        for seq_len in sorted(self.level.seq_len):
+            for variant in self.variants:
+                row = {
+                    "kind": "model",
+                    **self.env,
+                    "task": self.level.task,
+                    "profile": self.level.profile,
+                    **variant.row_fields(),
+                    "seq_len": seq_len,
+                    "batch": self.level.batch_size,
+                    "precision": str(self.level.precision),
+                }
+                yield self.sweep.point(
+                    row, (variant.label,), seq_len, partial(self.measure, variant, seq_len)
+                )
+
+    def measure(self, variant: Variant, seq_len: int) -> dict[str, Any]:
+        from lra.build import build_model
+
+        cfg = self.compose_task(variant, seq_len)
+        data_class = get_class(cfg.data._target_)
+        if data_class.dual:
+            raise ConfigError(f"the model level times single-document tasks; {self.level.task} is dual")
+        # What build_model reads from a data module, without loading any data.
+        datamodule = SimpleNamespace(
+            vocab_size=data_class.vocab_size, num_classes=data_class.num_classes, dual=False, seq_len=seq_len
+        )
+        torch.manual_seed(self.cfg.seed)
+        model = build_model(cfg.model, instantiate(cfg.attention), datamodule).to(self.device).train()
+        if variant.compile:
+            torch._dynamo.reset()
+            model = torch.compile(model)
+        optimizer = instantiate(cfg.optim)(model.parameters())
+        generator = torch.Generator().manual_seed(self.cfg.seed)
+        batch = self.level.batch_size
+        ids = torch.randint(1, data_class.vocab_size, (batch, seq_len), generator=generator).to(self.device)
+        labels = torch.randint(0, data_class.num_classes, (batch,), generator=generator).to(self.device)
+        autocast = str(self.level.precision) == "bf16-mixed"
+
+        def step() -> None:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                loss = F.cross_entropy(model(ids).float(), labels)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        warm_up(step, self.device, self.level.warmup)
+        peak_mb = peak_memory_mb(step, self.device)
+        step_ms, step_iqr = median_ms(step, self.device, self.level.repeats)
+        encoder = model.encoder if hasattr(model, "encoder") else model._orig_mod.encoder
+        values = attention_values(encoder.attentions[0].log_values())
+        return {
+            "step_ms": step_ms,
+            "step_ms_iqr": step_iqr,
+            "steps_per_s": 1000.0 / step_ms,
+            "repeats": self.level.repeats,
+            "peak_mb": peak_mb,
+            "n_layers": cfg.model.n_layers,
+            "d_model": cfg.model.d_model,
+            "heads": cfg.model.num_heads,
+            "head_dim": cfg.model.qkv_dim // cfg.model.num_heads,
+            "mlp_dim": cfg.model.mlp_dim,
+            "tokens": seq_len + int(cfg.model.pooling == "cls"),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "values": to_jsonable(values),
+            **{key: values.get(key) for key in ("mode_used", "impl_used", "backend_dispatched")},
+        }

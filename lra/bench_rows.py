@@ -1,0 +1,113 @@
+"""A benchmark's ``rows.jsonl`` as tables: the operator rows indexed by setting, head size, variant and N,
+with the crossovers between variants (``lra/crossover.py``). Read by the reports (``lra/bench_report.py``,
+``lra/gpu_check_report.py``), the plots (``lra/bench_plots.py``) and the head-size analysis."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from lra.crossover import Crossover, find_crossover
+
+METRICS = {"fwd_ms": "forward (ms)", "fwd_bwd_ms": "forward + backward (ms)", "peak_mb": "peak memory (MB)"}
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _setting(row: dict[str, Any]) -> tuple:
+    return row["dtype"], row["batch"], row["heads"], row["causal"], row["masked"]
+
+
+def _setting_text(setting: tuple) -> str:
+    dtype, batch, heads, causal, masked = setting
+    return (
+        f"{dtype}, B={batch}, h={heads}, {'causal' if causal else 'non-causal'}, "
+        f"{'masked' if masked else 'unmasked'}"
+    )
+
+
+def _usable(row: dict[str, Any]) -> bool:
+    """Measured and not failing its correctness gate."""
+    return not row.get("skipped") and not row.get("error") and row.get("gate_ok") is not False
+
+
+def metric_value(row: dict[str, Any] | None, metric: str) -> float | None:
+    """A row's metric for the crossover finder: the value, inf when out of memory, else None."""
+    if row is None:
+        return None
+    if row.get("oom"):
+        return math.inf
+    return row.get(metric) if _usable(row) else None
+
+
+class OperatorTable:
+    """Operator rows indexed by (setting, head_dim, label, N)."""
+
+    def __init__(self, rows: list[dict[str, Any]]) -> None:
+        self.rows = [row for row in rows if row["kind"] == "operator"]
+        self.index = {(_setting(r), r["head_dim"], r["label"], r["seq_len"]): r for r in self.rows}
+        self.settings = list(dict.fromkeys(_setting(r) for r in self.rows))
+        self.labels = list(dict.fromkeys(r["label"] for r in self.rows))
+        self.quadratic = {r["label"] for r in self.rows if r.get("quadratic")}
+
+    def head_dims(self, setting: tuple) -> list[int]:
+        return sorted({r["head_dim"] for r in self.rows if _setting(r) == setting})
+
+    def lengths(self, setting: tuple, head_dim: int) -> list[int]:
+        return sorted(
+            {r["seq_len"] for r in self.rows if _setting(r) == setting and r["head_dim"] == head_dim}
+        )
+
+    def get(self, setting: tuple, head_dim: int, label: str, n: int) -> dict[str, Any] | None:
+        return self.index.get((setting, head_dim, label, n))
+
+    def series(self, setting: tuple, head_dim: int, label: str, metric: str) -> tuple[list[int], list]:
+        ns = self.lengths(setting, head_dim)
+        return ns, [metric_value(self.get(setting, head_dim, label, n), metric) for n in ns]
+
+    def crossover(
+        self, setting: tuple, head_dim: int, candidate: str, reference: str, metric: str
+    ) -> Crossover:
+        ns, ours = self.series(setting, head_dim, candidate, metric)
+        _, theirs = self.series(setting, head_dim, reference, metric)
+        return find_crossover(ns, ours, theirs)
+
+    def crossover_texts(self, setting: tuple, head_dim: int, candidate: str, reference: str) -> list[str]:
+        """The crossover against ``reference`` for each of ``METRICS``, as table cells."""
+        return [self.crossover(setting, head_dim, candidate, reference, m).text() for m in METRICS]
+
+    def flop_parity(self, setting: tuple, head_dim: int, label: str) -> float | None:
+        """N* = F_X/(4·B·h·N·d): where softmax's 4·B·h·N²·d forward FLOPs equal X's, so at equal achieved
+        FLOP/s X is faster from there on; defined when X's FLOPs are linear in N."""
+        per_token = {
+            r["seq_len"]: r["flops"] / (r["batch"] * r["heads"] * r["seq_len"] * r["head_dim"] * 4)
+            for r in self.rows
+            if _setting(r) == setting and r["head_dim"] == head_dim and r["label"] == label and r.get("flops")
+        }
+        if len(per_token) < 2:
+            return None
+        values = list(per_token.values())
+        return values[0] if max(values) <= 1.01 * min(values) else None
+
+
+def status_text(row: dict[str, Any]) -> str | None:
+    """How a table cell shows a row that has no value to show (None: it has one)."""
+    if row.get("oom"):
+        return "OOM"
+    if row.get("skipped"):
+        return "skip"
+    if row.get("error"):
+        return "error"
+    return "gate ✗" if row.get("gate_ok") is False else None
+
+
+def device_label(device_type: str, device_name: str) -> str:
+    """A run's default label: ``cpu``, or the GPU's name in lower case with dashes."""
+    if device_type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
