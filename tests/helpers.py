@@ -11,9 +11,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
+from lra.registry import registered_attentions
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-ATTENTIONS = sorted(path.stem for path in (CONF / "attention").glob("*.yaml"))
+ATTENTIONS = registered_attentions()
 TASKS = sorted(path.stem for path in (CONF / "task").glob("*.yaml"))
 # A model small enough that a few steps of any task take seconds on a CPU.
 TINY_MODEL = [
