@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from lra import registry
 from lra.analysis.grad_norms import AttentionGradNorms
 from lra.analysis.maps import DPI, PANEL_INCHES, AttentionMaps, compare_checkpoints
 from lra.module import LRAClassifier
@@ -29,7 +30,7 @@ from models.attention.taylorshift import (
 )
 from models.encoder import LRAEncoder
 from models.heads import LRAModel
-from tests.helpers import ATTENTIONS, CONF, compose_config
+from tests.helpers import ATTENTIONS, compose_config
 
 PANEL_PX = int(PANEL_INCHES * DPI)
 # Constructor overrides that fit the tiny shapes (Linformer's default 256 projected rows exceed them).
@@ -46,9 +47,7 @@ VARIANTS = [(name, {}) for name in ATTENTIONS] + [
 
 
 def attention_factory(name: str, **overrides):
-    node = OmegaConf.merge(OmegaConf.load(CONF / "attention" / f"{name}.yaml"), TINY_ATTENTION.get(name, {}))
-    root = OmegaConf.create({"model": {"attn_dropout": 0.0}, "attention": node})
-    return functools.partial(instantiate(root.attention), **overrides)
+    return registry.attention_factory(name, {**TINY_ATTENTION.get(name, {}), **overrides})
 
 
 def tiny_model(name: str, seq_len: int = 11) -> LRAModel:
@@ -206,7 +205,7 @@ def test_grad_norm_callback_logs_finite_norms(tmp_path):
         assert set(row) == expected | {"step"}
         assert all(np.isfinite(row[key]) and row[key] > 0 for key in expected)
     # Every logged step reaches the logger, although log_every_n_steps (50) is larger.
-    from lra.analysis.gradients import grad_series, read_metrics
+    from lra.analysis.runs import grad_series, read_metrics
 
     series = grad_series(read_metrics(tmp_path))
     assert set(series) == expected
