@@ -37,6 +37,7 @@ from lra.analysis.runs import (
     grad_series,
     pyplot,
     read_metrics,
+    save_figure,
     shown,
     train,
 )
@@ -311,10 +312,7 @@ def plot_training(runs: dict[tuple[str, str], Path], path: Path) -> Path:
     figure.suptitle(
         f"Normalisation ablation, ListOps 2000 tokens, CPU profile model ({device_name()})", fontsize=10
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

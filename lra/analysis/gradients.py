@@ -36,6 +36,7 @@ from lra.analysis.runs import (
     pyplot,
     read_metrics,
     read_summary,
+    save_figure,
     shown,
     train,
 )
@@ -159,10 +160,7 @@ def plot_training(runs: dict[str, Path], path: Path) -> Path:
     figure.suptitle(
         f"ListOps, CPU profile: gradient norms of the attention inputs ({device_name()})", fontsize=10
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def operator_scale_sweep(
@@ -216,10 +214,7 @@ def plot_scale_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
         axis.set_title(f"‖dL/d{name}‖, one call, N={rows[0]['seq_len']}, d={rows[0]['head_dim']}")
     axes[0].legend(fontsize=7)
     figure.suptitle("Gradient norms against the size of q and k (float64, fixed inputs and dO)", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def scale_table(rows: list[dict[str, Any]]) -> str:

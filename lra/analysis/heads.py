@@ -26,7 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from lra.analysis.runs import add_output_arguments, pyplot
+from lra.analysis.runs import add_output_arguments, pyplot, save_figure
 from lra.bench import (
     DTYPES,
     OperatorBench,
@@ -189,10 +189,7 @@ def plot(table: OperatorTable, path: Path, width: int) -> Path:
     axes[2].set_xlabel(f"heads h (d = {width}/h)")
     axes[2].set_title(f"forward + backward (ms) at N = {longest:,}")
     axes[2].legend(fontsize=6)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:

@@ -32,7 +32,7 @@ import torch
 
 from data.cache import atomic_write_text
 from lra.analysis.maps import example_from, example_maps, load_run, model_from_config
-from lra.analysis.runs import pyplot
+from lra.analysis.runs import pyplot, save_figure
 from lra.errors import ConfigError, run_cli
 from lra.schedules import lr_multiplier
 from models.heads import LRAModel
@@ -166,10 +166,7 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
     bar_axis.set(ylabel="largest weight × N (1 = uniform row)", title="How peaked the rows are, per head")
     bar_axis.legend()
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    figure.savefig(png, dpi=100, metadata={"Software": None})
-    plt.close(figure)
+    png = save_figure(figure, out.with_suffix(".png"), metadata={"Software": None})
     report = "\n".join(
         [
             f"Attention-row sharpness on {num_examples} validation examples (real tokens only), per layer "

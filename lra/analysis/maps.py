@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lra.analysis.capture import captured_attention_calls
-from lra.analysis.runs import pyplot
+from lra.analysis.runs import pyplot, save_figure
 from lra.errors import ConfigError, MissingCheckpointError, run_cli
 from lra.module import INPUT_KEYS
 from models.attention.maps import attention_weights, key_axis_label
@@ -170,10 +170,7 @@ def save_grid(
             if r == 0:
                 axis.set_title(col_labels[c], fontsize=8)
     figure.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=DPI)
 
 
 def render_layer_maps(maps: Sequence[LayerMaps], path: Path, title: str) -> Path:

@@ -102,3 +102,11 @@ def pyplot() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(figure: Any, path: Path, dpi: int = 100, **savefig: Any) -> Path:
+    """Write ``figure`` to ``path`` (parents created) and close it; returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=dpi, **savefig)
+    pyplot().close(figure)
+    return path
