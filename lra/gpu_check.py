@@ -56,13 +56,12 @@ REQUIRED = ("hydra", "omegaconf", "antlr4", "lightning", "torch")
 # it is killed; the overrun is taken from the later stages.
 GRACE_S = 40.0
 
+# The GPU paths to time, on top of every registered attention as its YAML configures it. The first variant
+# of each attention is the fp32 reference of bench's correctness gate.
 _VARIANTS = {
-    # The first variant of each attention is the fp32 reference of bench's correctness gate.
     "softmax": [{"backend": "math", "quadratic": True}, {"backend": "cudnn"}, {"backend": "flash"}],
     "taylorshift": [{"mode": "efficient", "impl": "torch"}, {"mode": "efficient", "impl": "triton"}],
     "fastmax": [{"impl": "torch"}, {"impl": "triton"}],
-    "performer": [{}],
-    "linformer": [{}],
 }
 # torch.compile compiles once per shape (bench resets dynamo): its rows run after all the others, the
 # target length first, so a short budget loses compile rows rather than the kernels' rows.
@@ -222,20 +221,16 @@ def _drain(rows: Iterable[dict[str, Any]], sink: Rows, deadline: float, stage: s
 
 
 def _bench_cfg(preset: dict[str, Any], **level: Any) -> Any:
-    """The DictConfig that lra.bench's OperatorBench / ModelBench read (conf/bench.yaml's shared keys)."""
+    """The DictConfig that lra.bench's OperatorBench / ModelBench read: conf/bench.yaml's shared keys (seed,
+    FLOP conventions) with this preset as its ``bench``."""
     from omegaconf import OmegaConf
 
     bench = {key: preset[key] for key in ("name", "device", "dtype", "calibration", "operator_level")}
     bench |= {"references": preset["references"], "model_level": level or preset["model_level"]}
-    base = OmegaConf.load(REPO / "conf" / "bench.yaml")
-    return OmegaConf.create(
-        {
-            "bench": bench,
-            "seed": 0,
-            "model": {"attn_dropout": 0.0},
-            "fwd_bwd_flop_factor": base.fwd_bwd_flop_factor,
-        }
-    )
+    shared = OmegaConf.load(REPO / "conf" / "bench.yaml")
+    for key in ("defaults", "hydra"):
+        shared.pop(key)
+    return OmegaConf.merge(shared, {"bench": bench})
 
 
 def stage_operator(preset: dict[str, Any], sink: Rows, deadline: float) -> None:
@@ -248,7 +243,7 @@ def stage_operator(preset: dict[str, Any], sink: Rows, deadline: float) -> None:
     env = bench.environment(device)
     calibration = {**bench.calibration_row(cfg.bench, device, dtype), **env}
     sink.emit(calibration)
-    variants = bench.variants_from_config(preset["variants"], list(preset["variants"]))
+    variants = bench.variants_from_config(preset["variants"], bench.registered_attentions())
     rows = bench.OperatorBench(cfg, variants, device, dtype, env, calibration).rows()
     if not _drain(rows, sink, deadline, "operator", lambda row: row):
         return

@@ -7,33 +7,26 @@ the class attributes of models/attention/base.py. A new YAML is covered without 
 import functools
 import math
 from numbers import Number
-from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
+from lra.registry import attention_factory, registered_attentions
 from models.attention.base import Attention, zero_pads
 from models.attention.maps import attention_weights, weights_output
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "conf" / "attention").glob("*.yaml"))
 NUM_HEADS, HEAD_DIM = 2, 4
 # At least every default projection length (Linformer's proj_len), so that every YAML builds unchanged.
 MAX_LEN = 256
 F64 = torch.float64
 
-pytestmark = pytest.mark.parametrize("config", CONFIGS, ids=[path.stem for path in CONFIGS])
+# ``config`` is the registry name: conf/attention/<config>.yaml.
+pytestmark = pytest.mark.parametrize("config", registered_attentions())
 
 
-def factory(config: Path, attn_dropout: float = 0.0) -> functools.partial:
-    """The partial that train.py would get: the YAML under a root that supplies ``model.attn_dropout``."""
-    root = OmegaConf.create({"model": {"attn_dropout": attn_dropout}, "attention": OmegaConf.load(config)})
-    return instantiate(root.attention)
-
-
-def build(config: Path, attn_dropout: float = 0.0, dtype: torch.dtype = F64, **overrides) -> Attention:
-    module = factory(config, attn_dropout)(
+def build(config: str, attn_dropout: float = 0.0, dtype: torch.dtype = F64, **overrides) -> Attention:
+    """The module train.py would build from the YAML, ``${model.attn_dropout}`` set to ``attn_dropout``."""
+    module = attention_factory(config, attn_dropout=attn_dropout)(
         num_heads=NUM_HEADS, head_dim=HEAD_DIM, max_len=MAX_LEN, **overrides
     )
     return module.to(dtype).eval()
@@ -49,12 +42,12 @@ def lengths_mask(lengths, seq_len):
 
 
 def test_instantiates(config):
-    partial = factory(config)
+    partial = attention_factory(config)
     assert isinstance(partial, functools.partial)
     module = build(config)
     assert isinstance(module, Attention)
     # The registry's names match everywhere: conf/attention/<name>.yaml ↔ Attention.name ↔ W&B tag.
-    assert module.name == config.stem
+    assert module.name == config
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])

@@ -15,9 +15,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger
-from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from lra import registry
 from lra.analysis.grad_norms import AttentionGradNorms
 from lra.analysis.maps import DPI, PANEL_INCHES, AttentionMaps, compare_checkpoints
 from lra.module import LRAClassifier
@@ -29,7 +29,7 @@ from models.attention.taylorshift import (
 )
 from models.encoder import LRAEncoder
 from models.heads import LRAModel
-from tests.helpers import ATTENTIONS, CONF, compose_config
+from tests.helpers import ATTENTIONS, compose_config, listops_folder, saved_run
 
 PANEL_PX = int(PANEL_INCHES * DPI)
 # Constructor overrides that fit the tiny shapes (Linformer's default 256 projected rows exceed them).
@@ -46,9 +46,7 @@ VARIANTS = [(name, {}) for name in ATTENTIONS] + [
 
 
 def attention_factory(name: str, **overrides):
-    node = OmegaConf.merge(OmegaConf.load(CONF / "attention" / f"{name}.yaml"), TINY_ATTENTION.get(name, {}))
-    root = OmegaConf.create({"model": {"attn_dropout": 0.0}, "attention": node})
-    return functools.partial(instantiate(root.attention), **overrides)
+    return registry.attention_factory(name, {**TINY_ATTENTION.get(name, {}), **overrides})
 
 
 def tiny_model(name: str, seq_len: int = 11) -> LRAModel:
@@ -206,7 +204,7 @@ def test_grad_norm_callback_logs_finite_norms(tmp_path):
         assert set(row) == expected | {"step"}
         assert all(np.isfinite(row[key]) and row[key] > 0 for key in expected)
     # Every logged step reaches the logger, although log_every_n_steps (50) is larger.
-    from lra.analysis.gradients import grad_series, read_metrics
+    from lra.analysis.runs import grad_series, read_metrics
 
     series = grad_series(read_metrics(tmp_path))
     assert set(series) == expected
@@ -216,13 +214,7 @@ def test_grad_norm_callback_logs_finite_norms(tmp_path):
 
 def test_maps_command_from_checkpoints(tmp_path):
     """Two saved runs (as train.py lays them out) side by side on the same input."""
-    data_dir = tmp_path / "listops"
-    data_dir.mkdir()
-    from data.listops import generate_listops, write_listops_tsv
-
-    examples = generate_listops(24, seed=1, min_length=10, max_length=30)
-    for split, rows in {"train": examples[:16], "val": examples[16:20], "test": examples[20:]}.items():
-        write_listops_tsv(data_dir / f"basic_{split}.tsv", rows)
+    data_dir = listops_folder(tmp_path)
     runs = []
     for name in ("softmax", "linformer"):
         overrides = [
@@ -240,25 +232,7 @@ def test_maps_command_from_checkpoints(tmp_path):
         ]
         if name == "softmax":
             overrides.remove("attention.proj_len=8")
-        cfg = compose_config(overrides)
-        run_dir = tmp_path / name
-        (run_dir / "checkpoints").mkdir(parents=True)
-        resolved = {
-            key: OmegaConf.to_container(cfg[key], resolve=True)
-            for key in ("task", "data", "model", "attention")
-        }
-        (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
-        datamodule = instantiate(cfg.data)
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        from lra.build import build_model
-
-        model = build_model(cfg.model, instantiate(cfg.attention), datamodule)
-        torch.save(
-            {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
-            run_dir / "checkpoints" / "last.ckpt",
-        )
-        runs.append(run_dir / "checkpoints" / "last.ckpt")
+        runs.append(saved_run(tmp_path / name, overrides) / "checkpoints" / "last.ckpt")
     out = compare_checkpoints(runs, tmp_path / "side_by_side.png", heads=[0, 1], max_tokens=12)
     image = matplotlib.image.imread(out)
     assert image.shape[:2] == (2 * PANEL_PX, 2 * PANEL_PX)  # rows: (layer 0, head 0/1); columns: 2 runs

@@ -5,17 +5,14 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lra.analysis.lag import analyse, decay_only_tau, initial_model, row_sharpness, tau_history
 from lra.analysis.maps import example_from, load_run
-from lra.build import build_model
-from tests.helpers import compose_config
+from tests.helpers import listops_folder, saved_run
 
 
 def _saved_run(tmp_path: Path, attention: str, data_dir: Path, seed: int = 3) -> Path:
@@ -26,7 +23,6 @@ def _saved_run(tmp_path: Path, attention: str, data_dir: Path, seed: int = 3) ->
         f"task.data_dir={data_dir}",
         "data.seq_len=32",
         f"paths.data_dir={tmp_path / 'cache'}",
-        f"seed={seed}",
         "model.n_layers=1",
         "model.d_model=16",
         "model.num_heads=2",
@@ -37,35 +33,12 @@ def _saved_run(tmp_path: Path, attention: str, data_dir: Path, seed: int = 3) ->
         "scheduler.warmup_steps=2",
         "trainer.max_steps=20",
     ]
-    cfg = compose_config(overrides)
-    run_dir = tmp_path / attention
-    (run_dir / "checkpoints").mkdir(parents=True)
-    keys = ("task", "data", "model", "attention", "optim", "scheduler")
-    resolved = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in keys}
-    resolved.update(seed=seed, trainer={"max_steps": 20})
-    (run_dir / "config_resolved.yaml").write_text(OmegaConf.to_yaml(resolved))
-    datamodule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    L.seed_everything(seed, verbose=False)
-    model = build_model(cfg.model, instantiate(cfg.attention), datamodule)
-    torch.save(
-        {"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}},
-        run_dir / "checkpoints" / "last.ckpt",
-    )
-    return run_dir
+    return saved_run(tmp_path / attention, overrides, seed)
 
 
 @pytest.fixture
 def listops_dir(tmp_path: Path) -> Path:
-    from data.listops import generate_listops, write_listops_tsv
-
-    data_dir = tmp_path / "listops"
-    data_dir.mkdir()
-    examples = generate_listops(24, seed=1, min_length=10, max_length=30)
-    for split, rows in {"train": examples[:16], "val": examples[16:20], "test": examples[20:]}.items():
-        write_listops_tsv(data_dir / f"basic_{split}.tsv", rows)
-    return data_dir
+    return listops_folder(tmp_path)
 
 
 def test_initial_model_is_the_one_train_py_starts_from(tmp_path, listops_dir):

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lra.analysis.gradients import check_fresh, grad_series, read_metrics, shown
+from lra.analysis.runs import (
+    add_output_arguments,
+    check_fresh,
+    grad_series,
+    pyplot,
+    read_metrics,
+    save_figure,
+    shown,
+    train,
+)
 from lra.errors import run_cli
 from lra.registry import attention_factory
 from lra.summary import REPO_ROOT, device_name
@@ -47,13 +54,16 @@ SCHEMES = {
     "fastmax": "Fastmax maxnorm (lim 1), V'/N",
     "fastmax-none": "Fastmax normalize=none: raw q·k, V'/N",
 }
-# Training variants: (label, attention, overrides).
-TRAIN_VARIANTS = (
-    ("taylorshift", "taylorshift", []),
-    ("taylorshift-off", "taylorshift", ["attention.normalize_input=false", "attention.output_norm=false"]),
-    ("fastmax", "fastmax", []),
-    ("fastmax-none", "fastmax", ["attention.normalize=none"]),
-)
+# The ablated configurations, trained and measured: label -> (attention, constructor overrides). TaylorShift's
+# "off" also drops the √(N_v/d) output scale, as the official module does with normalize_input=False.
+ABLATED = {
+    "taylorshift": ("taylorshift", {}),
+    "taylorshift-off": ("taylorshift", {"normalize_input": False, "output_norm": False}),
+    "fastmax": ("fastmax", {}),
+    "fastmax-none": ("fastmax", {"normalize": "none"}),
+}
+# The operator part measures TaylorShift's efficient sums; the emulation has no output scale to compare.
+OPERATOR_OVERRIDES = {"taylorshift": {"mode": "efficient", "output_norm": False}}
 PRECISIONS = {
     "fp16": [
         "trainer.precision=null",
@@ -111,19 +121,10 @@ def reference(q: Tensor, k: Tensor, v: Tensor, scheme: str) -> Tensor:
 def module_output(q: Tensor, k: Tensor, v: Tensor, scheme: str, dtype: torch.dtype) -> Tensor | None:
     """The registered module itself on inputs in ``dtype`` (its states accumulate in fp32), or None when the
     scheme is not a module configuration (the 1/N switch exists only in the emulation)."""
-    variants = {
-        "taylorshift": ("taylorshift", {"mode": "efficient", "output_norm": False}),
-        "taylorshift-off": (
-            "taylorshift",
-            {"mode": "efficient", "output_norm": False, "normalize_input": False},
-        ),
-        "fastmax": ("fastmax", {}),
-        "fastmax-none": ("fastmax", {"normalize": "none"}),
-    }
-    if scheme not in variants:
+    if scheme not in ABLATED:
         return None
-    name, overrides = variants[scheme]
-    module = attention_factory(name, overrides)(
+    name, overrides = ABLATED[scheme]
+    module = attention_factory(name, {**overrides, **OPERATOR_OVERRIDES.get(name, {})})(
         num_heads=q.shape[1], head_dim=q.shape[-1], max_len=q.shape[2]
     )
     with torch.no_grad():
@@ -193,13 +194,13 @@ def operator_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def train_overrides(
-    label: str, attention: str, extra: list[str], precision: str, run_dir: Path, steps: int, seq_len: int
-) -> list[str]:
+def train_overrides(label: str, precision: str, run_dir: Path, steps: int, seq_len: int) -> list[str]:
+    """The train.py command line of one ablation run."""
+    attention, overrides = ABLATED[label]
     return [
         "task=listops",
         f"attention={attention}",
-        *extra,
+        *(f"attention.{key}={str(value).lower()}" for key, value in overrides.items()),
         "profile=cpu",
         "logger=csv",
         "callbacks=grad_norms",
@@ -228,25 +229,19 @@ def train_runs(
     runs_dir: Path, steps: int, seq_len: int, precisions: Sequence[str]
 ) -> dict[tuple[str, str], Path]:
     """Train every (variant, precision) with train.py; a failing run is reported, not fatal."""
-    check_fresh(
-        [runs_dir / f"{label}-{precision}" for precision in precisions for label, _, _ in TRAIN_VARIANTS]
-    )
-    runs = {}
-    for precision in precisions:
-        for label, attention, extra in TRAIN_VARIANTS:
-            run_dir = runs_dir / f"{label}-{precision}"
-            command = [
-                sys.executable,
-                str(REPO_ROOT / "train.py"),
-                *train_overrides(label, attention, extra, precision, run_dir, steps, seq_len),
-            ]
-            print("$", " ".join(command[1:]), flush=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(run_dir / "train.log", "w") as log:
-                result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-            (run_dir / "exit_code").write_text(str(result.returncode))
-            runs[(label, precision)] = run_dir
+    runs = run_dirs(runs_dir, precisions)
+    check_fresh(list(runs.values()))
+    for (label, precision), run_dir in runs.items():
+        code = train(train_overrides(label, precision, run_dir, steps, seq_len), run_dir)
+        (run_dir / "exit_code").write_text(str(code))
     return runs
+
+
+def run_dirs(runs_dir: Path, precisions: Sequence[str]) -> dict[tuple[str, str], Path]:
+    """``runs_dir/<label>-<precision>`` for every ablated configuration and precision."""
+    return {
+        (label, precision): runs_dir / f"{label}-{precision}" for precision in precisions for label in ABLATED
+    }
 
 
 def run_record(run_dir: Path) -> dict[str, Any]:
@@ -292,16 +287,12 @@ def training_table(runs: dict[tuple[str, str], Path]) -> str:
 
 
 def plot_training(runs: dict[tuple[str, str], Path], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     precisions = list(dict.fromkeys(precision for _, precision in runs))
     figure, axes = plt.subplots(
         len(precisions), 2, figsize=(11, 3.5 * len(precisions)), squeeze=False, layout="constrained"
     )
-    labels = [label for label, _, _ in TRAIN_VARIANTS]
+    labels = list(ABLATED)
     for (label, precision), run_dir in runs.items():
         row = precisions.index(precision)
         record = run_record(run_dir)
@@ -321,10 +312,7 @@ def plot_training(runs: dict[tuple[str, str], Path], path: Path) -> Path:
     figure.suptitle(
         f"Normalisation ablation, ListOps 2000 tokens, CPU profile model ({device_name()})", fontsize=10
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -334,14 +322,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=2000)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "analyses" / "ablation")
-    # Scratch output by default: the committed results/analyses/ is rewritten only when named with --out.
-    parser.add_argument(
-        "--out", type=Path, default=REPO_ROOT / "outputs" / "analyses", help="default: outputs/analyses"
-    )
-    parser.add_argument(
-        "--skip-train", action="store_true", help="report from the runs already in --runs-dir"
-    )
+    add_output_arguments(parser, REPO_ROOT, runs_dir="ablation")
     parser.add_argument("--smoke", action="store_true", help="operator part only, small shapes")
     args = parser.parse_args(argv)
 
@@ -364,20 +345,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     ]
     if not args.smoke:
         if args.skip_train:
-            runs = {
-                (label, precision): args.runs_dir / f"{label}-{precision}"
-                for precision in args.precisions
-                for label, _, _ in TRAIN_VARIANTS
-            }
+            runs = run_dirs(args.runs_dir, args.precisions)
         else:
             runs = train_runs(args.runs_dir, args.steps, args.seq_len, args.precisions)
         plot_training(runs, args.out / "ablation_training.png")
-        label, attention, extra = TRAIN_VARIANTS[1]
-        example = " ".join(
-            train_overrides(
-                label, attention, extra, "fp16", args.runs_dir / f"{label}-fp16", args.steps, args.seq_len
-            )
-        )
+        run_dir = args.runs_dir / "taylorshift-off-fp16"
+        example = " ".join(train_overrides("taylorshift-off", "fp16", run_dir, args.steps, args.seq_len))
         sections += [
             "",
             f"## Training: ListOps at {args.seq_len} tokens, {args.steps} steps, lr 1e-3 constant, batch 4",

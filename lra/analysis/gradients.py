@@ -1,6 +1,7 @@
-"""Gradient behaviour: softmax vs TaylorShift vs Fastmax, to check the bounded-gradient claim (spec 4).
+"""Gradient behaviour of every registered attention, to check TaylorShift's and Fastmax's bounded-gradient
+claim (Nauen et al. 2024, arXiv 2403.02920; Gerami et al. 2024, arXiv 2402.07901).
 
-    python -m lra.analysis.gradients                       # train 3 short CPU ListOps runs, then report
+    python -m lra.analysis.gradients                       # a short CPU ListOps run per attention, report
     python -m lra.analysis.gradients --skip-train          # report from the runs already in --runs-dir
     python -m lra.analysis.gradients --smoke --out /tmp/g  # the operator sweep only, tiny shapes (seconds)
 
@@ -21,32 +22,38 @@ Two measurements, written to ``--out`` (default ``outputs/analyses``; the commit
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
-import subprocess
-import sys
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lra.errors import MissingDataError, OutputExistsError, run_cli
-from lra.registry import attention_factory
+from lra.analysis.runs import (
+    add_output_arguments,
+    check_fresh,
+    grad_series,
+    pyplot,
+    read_metrics,
+    read_summary,
+    save_figure,
+    shown,
+    train,
+)
+from lra.errors import run_cli
+from lra.registry import attention_factory, registered_attentions
 from lra.summary import REPO_ROOT, device_name
 
-ATTENTIONS = ("softmax", "taylorshift", "fastmax")
-# Operator sweep: (label, registry name, constructor overrides).
-OPERATOR_VARIANTS = (
-    ("softmax", "softmax", {}),
-    ("taylorshift", "taylorshift", {"mode": "efficient"}),
+# The operator sweep runs TaylorShift in its efficient mode, the O(N) path the claim is about.
+OPERATOR_OVERRIDES = {"taylorshift": {"mode": "efficient"}}
+# On top of every registered attention: the two normalised kernels with their normalisation switched off.
+UNNORMALISED = (
     ("taylorshift normalize_input=false", "taylorshift", {"mode": "efficient", "normalize_input": False}),
-    ("fastmax", "fastmax", {}),
     ("fastmax normalize=none", "fastmax", {"normalize": "none"}),
 )
 SCALES = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 1000.0)
+# Modules are built for at least this length so that every YAML's defaults fit (Linformer's proj_len 256).
+MIN_MAX_LEN = 256
 
 
 def train_overrides(attention: str, run_dir: Path, steps: int, every: int, seq_len: int) -> list[str]:
@@ -69,22 +76,10 @@ def train_overrides(attention: str, run_dir: Path, steps: int, every: int, seq_l
     ]
 
 
-def shown(path: Path) -> str:
-    """A path for reports: relative to the repository when inside it (commands are run from its root)."""
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
-def check_fresh(run_dirs: Sequence[Path]) -> None:
-    """train.py resumes a run directory that already holds a checkpoint, which would skip the training."""
-    used = [str(path) for path in run_dirs if (path / "checkpoints").exists()]
-    if used:
-        raise OutputExistsError(
-            f"run directories already trained: {used}; report from them with --skip-train, or remove them "
-            f"(or pass another --runs-dir) to train again"
-        )
+def operator_variants() -> list[tuple[str, str, dict[str, Any]]]:
+    """(label, registry name, constructor overrides): every registered attention, then ``UNNORMALISED``."""
+    named = [(name, name, OPERATOR_OVERRIDES.get(name, {})) for name in registered_attentions()]
+    return named + list(UNNORMALISED)
 
 
 def train_runs(
@@ -92,48 +87,12 @@ def train_runs(
 ) -> dict[str, Path]:
     """Train each attention with train.py (as a user would), output in ``runs_dir/<attention>``."""
     check_fresh([runs_dir / attention for attention in attentions])
-    runs = {}
     for attention in attentions:
         run_dir = runs_dir / attention
-        command = [
-            sys.executable,
-            str(REPO_ROOT / "train.py"),
-            *train_overrides(attention, run_dir, steps, every, seq_len),
-        ]
-        print("$", " ".join(command[1:]), flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "train.log", "w") as log:
-            result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"training {attention} failed (exit {result.returncode}); see {run_dir / 'train.log'}"
-            )
-        runs[attention] = run_dir
-    return runs
-
-
-def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every logged series of a run's CSV log: ``{metric: [(step, value), ...]}``."""
-    path = run_dir / "csv" / "metrics.csv"
-    if not path.is_file():
-        raise MissingDataError(f"{path} not found; train with logger=csv (or logger=wandb, which adds CSV)")
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            step = int(float(row["step"]))
-            for key, value in row.items():
-                if key != "step" and value not in ("", None):
-                    series[key].append((step, float(value)))
-    return dict(series)
-
-
-def grad_series(metrics: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
-    """The ``grad_norm/layer<i>/<input>`` series, keyed ``layer<i>/<input>``."""
-    return {
-        key.removeprefix("grad_norm/"): value
-        for key, value in metrics.items()
-        if key.startswith("grad_norm/")
-    }
+        code = train(train_overrides(attention, run_dir, steps, every, seq_len), run_dir)
+        if code != 0:
+            raise RuntimeError(f"training {attention} failed (exit {code}); see {run_dir / 'train.log'}")
+    return {attention: runs_dir / attention for attention in attentions}
 
 
 def training_table(runs: dict[str, Path]) -> str:
@@ -161,11 +120,11 @@ def accuracy_lines(runs: dict[str, Path]) -> list[str]:
     """Each run's final metrics from its summary.json (test/acc: the last weights, as train.py reports)."""
     lines = []
     for attention, run_dir in runs.items():
-        path = run_dir / "summary.json"
-        if not path.is_file():
+        summary = read_summary(run_dir)
+        if summary is None:
             lines.append(f"- {attention}: no summary.json in {run_dir}")
             continue
-        metrics = json.loads(path.read_text()).get("metrics", {})
+        metrics = summary.get("metrics", {})
         keys = ("train/loss", "val/acc", "val/acc_best", "test/acc")
         lines.append(
             f"- {attention}: " + ", ".join(f"{key} {metrics[key]:.3f}" for key in keys if key in metrics)
@@ -173,18 +132,9 @@ def accuracy_lines(runs: dict[str, Path]) -> list[str]:
     return lines
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_training(runs: dict[str, Path], path: Path) -> Path:
     """q, k, v gradient norms against step (log scale; colour: attention, line style: layer), and the loss."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(2, 2, figsize=(11, 8), layout="constrained")
     styles = ("-", "--", ":", "-.")
     for index, (attention, run_dir) in enumerate(runs.items()):
@@ -210,16 +160,13 @@ def plot_training(runs: dict[str, Path], path: Path) -> Path:
     figure.suptitle(
         f"ListOps, CPU profile: gradient norms of the attention inputs ({device_name()})", fontsize=10
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def operator_scale_sweep(
     scales: Sequence[float] = SCALES, batch: int = 1, heads: int = 4, seq_len: int = 256, head_dim: int = 16
 ) -> list[dict[str, Any]]:
-    """Gradient norms of one attention call as q and k are scaled, for every ``OPERATOR_VARIANTS`` entry.
+    """Gradient norms of one attention call as q and k are scaled, for every ``operator_variants()`` entry.
 
     Returns:
         Rows ``{"attention", "scale", "q", "k", "v"}`` (gradient norms of <out, dO>) in float64.
@@ -228,8 +175,11 @@ def operator_scale_sweep(
     shape = (batch, heads, seq_len, head_dim)
     q, k, v, grad_out = (torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(4))
     rows = []
-    for label, name, overrides in OPERATOR_VARIANTS:
-        module = attention_factory(name, overrides)(num_heads=heads, head_dim=head_dim, max_len=seq_len)
+    for label, name, overrides in operator_variants():
+        torch.manual_seed(0)  # the same random parameters (Performer's features) at every run
+        module = attention_factory(name, overrides)(
+            num_heads=heads, head_dim=head_dim, max_len=max(seq_len, MIN_MAX_LEN)
+        )
         module = module.double().eval()
         for scale in scales:
             leaves = [(scale * q).requires_grad_(), (scale * k).requires_grad_(), v.clone().requires_grad_()]
@@ -242,7 +192,7 @@ def operator_scale_sweep(
 
 
 def plot_scale_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
     labels = list(dict.fromkeys(row["attention"] for row in rows))
     for index, label in enumerate(labels):
@@ -264,10 +214,7 @@ def plot_scale_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
         axis.set_title(f"‖dL/d{name}‖, one call, N={rows[0]['seq_len']}, d={rows[0]['head_dim']}")
     axes[0].legend(fontsize=7)
     figure.suptitle("Gradient norms against the size of q and k (float64, fixed inputs and dO)", fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def scale_table(rows: list[dict[str, Any]]) -> str:
@@ -287,27 +234,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m lra.analysis.gradients", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--attentions", nargs="+", default=list(ATTENTIONS))
+    parser.add_argument(
+        "--attentions", nargs="+", default=None, help="attentions to train (default: every registered one)"
+    )
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=10, help="log gradient norms every this many steps")
     parser.add_argument("--seq-len", type=int, default=256, help="ListOps length (CPU profile: 100..seq_len)")
-    parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "analyses" / "gradients")
-    # Scratch output by default: the committed results/analyses/ is rewritten only when named with --out.
-    parser.add_argument(
-        "--out", type=Path, default=REPO_ROOT / "outputs" / "analyses", help="default: outputs/analyses"
-    )
-    parser.add_argument(
-        "--skip-train", action="store_true", help="report from the runs already in --runs-dir"
-    )
+    add_output_arguments(parser, REPO_ROOT, runs_dir="gradients")
     parser.add_argument("--smoke", action="store_true", help="operator sweep only, tiny shapes")
     args = parser.parse_args(argv)
+    args.attentions = registered_attentions(args.attentions)
 
     args.out.mkdir(parents=True, exist_ok=True)
     sweep_shape = {"seq_len": 16, "head_dim": 4, "heads": 2} if args.smoke else {}
     rows = operator_scale_sweep(**sweep_shape)
     plot_scale_sweep(rows, args.out / "gradients_vs_scale.png")
     sections = [
-        "# Gradient norms: softmax, TaylorShift, Fastmax",
+        "# Gradient norms of the attentions",
         "",
         f"Machine: {device_name()}, torch {torch.__version__}.",
         "",

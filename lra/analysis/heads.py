@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from lra.analysis.runs import add_output_arguments, pyplot, save_figure
 from lra.bench import (
     DTYPES,
     OperatorBench,
@@ -46,22 +47,23 @@ VARIANTS = {
     "taylorshift": [{"mode": "direct", "quadratic": True}, {"mode": "efficient"}],
 }
 DIRECT, EFFICIENT = "taylorshift mode=direct", "taylorshift mode=efficient"
+# The benchmark's primary config: its seed and FLOP conventions apply here too.
+BENCH_CONFIG = REPO_ROOT / "conf" / "bench.yaml"
 
 
 def bench_config(args: argparse.Namespace, heads: int, head_dim: int) -> Any:
-    """The config ``lra.bench.OperatorBench`` reads, for one (h, d) pair."""
+    """The config ``lra.bench.OperatorBench`` reads, for one (h, d) pair: conf/bench.yaml's shared keys
+    (seed, FLOP conventions) with this grid as its preset."""
     variants = dict(VARIANTS)
     variants["linformer"] = [{"proj_len": min(256, min(args.seq_lens))}]
-    return OmegaConf.create(
+    shared = OmegaConf.load(BENCH_CONFIG)
+    for key in ("defaults", "hydra"):
+        shared.pop(key)
+    calibration = {"matmul_n": 64 if args.smoke else 1024, "copy_mb": 1 if args.smoke else 64, "repeats": 3}
+    return OmegaConf.merge(
+        shared,
         {
-            "seed": 0,
-            "model": {"attn_dropout": 0.0},
-            "fwd_bwd_flop_factor": {"default": 3.0, "softmax": 3.5},
-            "calibration": {
-                "matmul_n": 64 if args.smoke else 1024,
-                "copy_mb": 1 if args.smoke else 64,
-                "repeats": 3,
-            },
+            "calibration": calibration,
             "bench": {
                 "variants": variants,
                 "operator_level": {
@@ -79,7 +81,7 @@ def bench_config(args: argparse.Namespace, heads: int, head_dim: int) -> Any:
                     "gate_tol": {"float64": 1e-8, "float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2},
                 },
             },
-        }
+        },
     )
 
 
@@ -149,10 +151,7 @@ def at_length_table(table: OperatorTable, n: int, metric: str) -> list[str]:
 
 
 def plot(table: OperatorTable, path: Path, width: int) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     figure, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
     pairs = [(setting, head_dim) for setting in table.settings for head_dim in table.head_dims(setting)]
@@ -190,10 +189,7 @@ def plot(table: OperatorTable, path: Path, width: int) -> Path:
     axes[2].set_xlabel(f"heads h (d = {width}/h)")
     axes[2].set_title(f"forward + backward (ms) at N = {longest:,}")
     axes[2].legend(fontsize=6)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path)
 
 
 def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
@@ -262,10 +258,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--point-budget-s", type=float, default=120.0, help="skip longer points predicted slower"
     )
     parser.add_argument("--label", default="cpu")
-    # Scratch output by default: the committed results/analyses/ is rewritten only when named with --out.
-    parser.add_argument(
-        "--out", type=Path, default=REPO_ROOT / "outputs" / "analyses", help="default: outputs/analyses"
-    )
+    add_output_arguments(parser, REPO_ROOT)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes: width 16, h ∈ {2, 4}, N ≤ 64")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the JSONL")
     args = parser.parse_args(argv)

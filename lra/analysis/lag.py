@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from data.cache import atomic_write_text
-from lra.analysis.maps import example_from, example_maps, load_run
+from lra.analysis.maps import example_from, example_maps, load_run, model_from_config
+from lra.analysis.runs import pyplot, save_figure
 from lra.errors import ConfigError, run_cli
 from lra.schedules import lr_multiplier
 from models.heads import LRAModel
@@ -73,14 +74,11 @@ def row_sharpness(model: LRAModel, examples: Sequence[dict[str, torch.Tensor]]) 
 
 def initial_model(run_dir: Path, datamodule: object) -> LRAModel:
     """The run's model at step 0: train.py seeds, then instantiates the attention and builds the model."""
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
-
-    from lra.build import build_model
 
     config = OmegaConf.load(run_dir / "config_resolved.yaml")
     L.seed_everything(int(config.seed), workers=True, verbose=False)
-    return build_model(config.model, instantiate(config.attention), datamodule).eval()
+    return model_from_config(config, datamodule).eval()
 
 
 def tau_history(run_dir: Path) -> dict[tuple[int, int], list[tuple[int, float]]]:
@@ -111,10 +109,7 @@ def decay_only_tau(config: object, tau_init: float, steps: int) -> np.ndarray:
 
 def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple[Path, Path]:
     """Write ``out``.md and ``out``.png for ``run_dirs``; returns both paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if not run_dirs:
         raise ConfigError("lag: pass at least one run directory with --runs")
@@ -130,7 +125,7 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
     bars: list[tuple[str, float, float]] = []
     datamodule = None
     for run_dir in run_dirs:
-        loaded, datamodule = load_run(run_dir, datamodule if datamodule is not None else None)
+        loaded, datamodule = load_run(run_dir, datamodule)
         examples = [example_from(datamodule, "val", index) for index in range(num_examples)]
         end = row_sharpness(loaded.model, examples)
         start = row_sharpness(initial_model(run_dir, datamodule), examples)
@@ -171,10 +166,7 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
     bar_axis.set(ylabel="largest weight × N (1 = uniform row)", title="How peaked the rows are, per head")
     bar_axis.legend()
     figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png = out.with_suffix(".png")
-    figure.savefig(png, dpi=100, metadata={"Software": None})
-    plt.close(figure)
+    png = save_figure(figure, out.with_suffix(".png"), metadata={"Software": None})
     report = "\n".join(
         [
             f"Attention-row sharpness on {num_examples} validation examples (real tokens only), per layer "

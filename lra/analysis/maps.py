@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from lra.analysis.capture import captured_attention_calls
+from lra.analysis.runs import pyplot, save_figure
 from lra.errors import ConfigError, MissingCheckpointError, run_cli
 from lra.module import INPUT_KEYS
 from models.attention.maps import attention_weights, key_axis_label
@@ -132,10 +133,7 @@ def save_grid(
         title: figure title.
         x_labels: per-panel x-axis label (defaults to "key").
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows, cols = len(grid), max(len(row) for row in grid)
     figure, axes = plt.subplots(
@@ -172,10 +170,7 @@ def save_grid(
             if r == 0:
                 axis.set_title(col_labels[c], fontsize=8)
     figure.suptitle(title, fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)
-    plt.close(figure)
-    return path
+    return save_figure(figure, path, dpi=DPI)
 
 
 def render_layer_maps(maps: Sequence[LayerMaps], path: Path, title: str) -> Path:
@@ -309,6 +304,15 @@ def checkpoint_in(path: Path) -> Path:
     return candidate
 
 
+def model_from_config(config: Any, datamodule: Any) -> LRAModel:
+    """The model train.py builds from this resolved config (``config_resolved.yaml``), at the current seed."""
+    from hydra.utils import instantiate
+
+    from lra.build import build_model
+
+    return build_model(config.model, instantiate(config.attention), datamodule)
+
+
 def load_run(path: Path, datamodule: Any | None = None) -> tuple[LoadedRun, Any]:
     """Rebuild the model of a run from ``config_resolved.yaml`` and load the checkpoint's weights.
 
@@ -321,8 +325,6 @@ def load_run(path: Path, datamodule: Any | None = None) -> tuple[LoadedRun, Any]
     """
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
-
-    from lra.build import build_model
 
     checkpoint = checkpoint_in(path)
     run_dir = run_dir_of(path if path.is_dir() else checkpoint)
@@ -337,7 +339,7 @@ def load_run(path: Path, datamodule: Any | None = None) -> tuple[LoadedRun, Any]
         datamodule = instantiate(config.data)
         datamodule.prepare_data()
         datamodule.setup("fit")
-    model = build_model(config.model, instantiate(config.attention), datamodule)
+    model = model_from_config(config, datamodule)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
     model.load_state_dict(
         {key[len("model.") :]: value for key, value in state.items() if key.startswith("model.")}
