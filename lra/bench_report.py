@@ -30,7 +30,7 @@ from lra.bench_rows import (
 )
 from lra.bench_rows import metric_value as metric_value  # re-exported: lra/analysis/heads.py reads it here
 from lra.summary import REPO_ROOT
-from models.attention.taylorshift import crossover_n0, crossover_n1
+from models.attention.crossover import crossover_n0, crossover_n1
 
 # LRA paper (Tay et al. 2021, arXiv 2011.04006) Table 2, Text, 4K tokens, batch 32 on TPU v3: the cells used
 # here. Speed-up over the Transformer's 1.4 steps/s; peak memory against its 9.48 GB.

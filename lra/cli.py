@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from lra.build import default_profile_override
 from lra.errors import ConfigError
+from lra.registry import registered_attentions
 from lra.resume import expand_resume_argv
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -130,6 +131,8 @@ def catalog(group: str) -> str:
     ``$`` is doubled because Hydra passes the template through ``string.Template``.
     """
     paths = sorted((CONF_DIR / group).glob("*.yaml"))
+    if group == "attention":  # the registry's table order: the softmax baseline first
+        paths = [CONF_DIR / group / f"{name}.yaml" for name in registered_attentions()]
     width = max((len(path.stem) for path in paths), default=0)
     lines = [f"  {path.stem:<{width}}  {_description(path)}".rstrip() for path in paths]
     return "\n".join(lines).replace("$", "$$")

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from lra.timing import time_calls
-from models.attention.taylorshift import CROSSOVER_TABLE, TaylorShiftAttention, crossover_n0
+from models.attention.crossover import CROSSOVER_TABLE, crossover_n0
+from models.attention.taylorshift import TaylorShiftAttention
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from lra.bench_report import (
     operator_sections,
     plot,
     problems_section,
+    report_cli,
     softmax_section,
 )
 
@@ -350,6 +350,4 @@ def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m lra.gpu_check_report <rows.jsonl>")
-    print(write_report(Path(sys.argv[1])))
+    report_cli(write_report, "lra.gpu_check_report")

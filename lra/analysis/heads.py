@@ -39,7 +39,7 @@ from lra.bench_report import METRICS, OperatorTable, metric_value
 from lra.errors import ConfigError, MissingDataError, run_cli
 from lra.registry import registered_attentions
 from lra.summary import REPO_ROOT, to_jsonable
-from models.attention.taylorshift import crossover_n0, crossover_n1
+from models.attention.crossover import crossover_n0, crossover_n1
 
 # The variants every (h, d) pair runs; Linformer's projected length is capped by the shortest N.
 VARIANTS = {

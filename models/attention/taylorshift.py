@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention.base import accumulation_dtype, count_real
-from models.attention.crossover import CROSSOVER_TABLE, crossover_n0, crossover_n1, measured_n0  # noqa: F401
 from models.attention.kernels import select_impl
 from models.attention.options import TaylorShiftOptions
 from models.attention.polynomial import (

@@ -10,12 +10,11 @@ from torch.autograd import gradcheck
 
 from models.attention import crossover as crossovers
 from models.attention import taylorshift as ts
+from models.attention.crossover import crossover_n0, crossover_n1
 from models.attention.polynomial import poly_kernel_attention
 from models.attention.taylorshift import (
     TaylorShiftAttention,
     TaylorShiftOptions,
-    crossover_n0,
-    crossover_n1,
     taylorshift_attention,
     taylorshift_attention_ref,
 )
