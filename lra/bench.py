@@ -36,10 +36,22 @@ from lra.bench_levels import ModelBench, OperatorBench, variants_from_config
 from lra.bench_rows import device_label
 from lra.errors import ConfigError
 from lra.registry import registered_attentions
-from lra.summary import device_name, git_commit, to_jsonable
+from lra.summary import REPO_ROOT, device_name, git_commit, to_jsonable
 from lra.timing import median_ms, warm_up
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64")}
+
+
+BENCH_CONFIG = REPO_ROOT / "conf" / "bench.yaml"
+
+
+def shared_bench_config() -> DictConfig:
+    """conf/bench.yaml's own keys (seed, FLOP conventions), without its Hydra defaults: the root that scripts
+    building an ``OperatorBench`` / ``ModelBench`` outside a Hydra run merge their ``bench`` node into."""
+    shared = OmegaConf.load(BENCH_CONFIG)
+    for key in ("defaults", "hydra"):
+        shared.pop(key)
+    return shared
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -225,12 +225,11 @@ def _bench_cfg(preset: dict[str, Any], **level: Any) -> Any:
     FLOP conventions) with this preset as its ``bench``."""
     from omegaconf import OmegaConf
 
+    from lra.bench import shared_bench_config
+
     bench = {key: preset[key] for key in ("name", "device", "dtype", "calibration", "operator_level")}
     bench |= {"references": preset["references"], "model_level": level or preset["model_level"]}
-    shared = OmegaConf.load(REPO / "conf" / "bench.yaml")
-    for key in ("defaults", "hydra"):
-        shared.pop(key)
-    return OmegaConf.merge(shared, {"bench": bench})
+    return OmegaConf.merge(shared_bench_config(), {"bench": bench})
 
 
 def stage_operator(preset: dict[str, Any], sink: Rows, deadline: float) -> None:

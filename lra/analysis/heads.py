@@ -33,6 +33,7 @@ from lra.bench import (
     calibration_row,
     environment,
     select_device,
+    shared_bench_config,
     variants_from_config,
 )
 from lra.bench_report import METRICS, OperatorTable, metric_value
@@ -48,7 +49,6 @@ VARIANTS = {
 }
 DIRECT, EFFICIENT = "taylorshift mode=direct", "taylorshift mode=efficient"
 # The benchmark's primary config: its seed and FLOP conventions apply here too.
-BENCH_CONFIG = REPO_ROOT / "conf" / "bench.yaml"
 
 
 def bench_config(args: argparse.Namespace, heads: int, head_dim: int) -> Any:
@@ -56,12 +56,9 @@ def bench_config(args: argparse.Namespace, heads: int, head_dim: int) -> Any:
     (seed, FLOP conventions) with this grid as its preset."""
     variants = dict(VARIANTS)
     variants["linformer"] = [{"proj_len": min(256, min(args.seq_lens))}]
-    shared = OmegaConf.load(BENCH_CONFIG)
-    for key in ("defaults", "hydra"):
-        shared.pop(key)
     calibration = {"matmul_n": 64 if args.smoke else 1024, "copy_mb": 1 if args.smoke else 64, "repeats": 3}
     return OmegaConf.merge(
-        shared,
+        shared_bench_config(),
         {
             "calibration": calibration,
             "bench": {
