@@ -34,6 +34,8 @@ class Attention(nn.Module):
         causal: mask future keys. Methods that cannot do it raise at construction.
     """
 
+    # The registry's key (conf/attention/<name>.yaml, W&B tags, results tables). By default the file name of
+    # the defining module (softmax.py -> "softmax"): a copied module needs no edit but its class name.
     name: ClassVar[str] = "attention"
     supports_causal: ClassVar[bool] = True
     # True when the method approximates softmax attention rather than computing its own kernel exactly.
@@ -46,6 +48,11 @@ class Attention(nn.Module):
     is_convex: bool = False
     # What the columns of ``explicit_weights`` index (Linformer's are projected keys, not tokens).
     key_axis: ClassVar[str] = "key"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" not in cls.__dict__:
+            cls.name = cls.__module__.rsplit(".", 1)[-1]
 
     def __init__(self, num_heads: int, head_dim: int, max_len: int, causal: bool = False) -> None:
         super().__init__()

@@ -136,7 +136,6 @@ class FastmaxAttention(PolynomialAttention):
         **options: the fields of ``FastmaxOptions``.
     """
 
-    name = "fastmax"
     options_class = FastmaxOptions
     options: FastmaxOptions
     # The option checks keep f >= 0, so the weights form a convex combination (output noise acts in training).

@@ -87,7 +87,6 @@ class LinformerAttention(Attention):
         dropout: dropout on the attention weights, active only in training.
     """
 
-    name = "linformer"
     supports_causal = False
     needs_seq_len = True
     key_axis = "projected key (E·K)"

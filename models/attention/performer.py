@@ -287,7 +287,6 @@ class PerformerAttention(Attention):
             integer gives every layer built from the same config the same features.
     """
 
-    name = "performer"
     supports_causal = True
     is_approximation = True
     is_convex = True

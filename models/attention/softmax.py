@@ -84,7 +84,6 @@ class SoftmaxAttention(Attention):
         dropout: dropout on the attention weights, active only in training.
     """
 
-    name = "softmax"
     supports_causal = True
     is_convex = True
 

@@ -208,7 +208,6 @@ class TaylorShiftAttention(PolynomialAttention):
     the mode chosen at the first training call (direct and efficient dropout differ) and logs it.
     """
 
-    name = "taylorshift"
     options_class = TaylorShiftOptions
     options: TaylorShiftOptions
 
