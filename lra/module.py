@@ -22,6 +22,11 @@ from models.heads import LRAModel
 INPUT_KEYS = ("input_ids", "mask", "input_ids_2", "mask_2")
 
 
+def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The entries of a data batch that ``LRAModel.forward`` takes (the label and extras left out)."""
+    return {key: batch[key] for key in INPUT_KEYS if key in batch}
+
+
 class NonFiniteLossError(FloatingPointError):
     """Raised when the loss or the gradients stop being finite for more steps than allowed."""
 
@@ -76,7 +81,7 @@ class LRAClassifier(L.LightningModule):
                 f"attentions such as Linformer hold that many); pad/truncate the data to data.seq_len or "
                 f"build the model with the data's length"
             )
-        return self.model(**{key: batch[key] for key in INPUT_KEYS if key in batch})
+        return self.model(**model_inputs(batch))
 
     def _step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
         logits = self(batch)

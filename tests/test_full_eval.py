@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from lra.analysis.full_eval import evaluate_run, main, split_accuracy
 from lra.analysis.maps import load_run
+from lra.errors import MissingCheckpointError
 from tests.helpers import listops_folder, saved_run
 
 
@@ -51,3 +53,8 @@ def test_main_prints_a_table_and_writes_the_rows(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert len(rows) == 1 and rows[0]["test_examples"] == 4
     assert torch.isfinite(torch.tensor(rows[0]["test_acc"]))
+
+
+def test_a_folder_that_is_not_a_run_is_named_in_the_error(tmp_path):
+    with pytest.raises(MissingCheckpointError, match="no checkpoint at .*not-a-run"):
+        evaluate_run(tmp_path / "not-a-run")

@@ -17,22 +17,20 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from data.cache import atomic_write_text
-from lra.analysis.maps import load_run
+from lra.analysis.maps import load_run, run_files
 from lra.analysis.runs import shown
 from lra.errors import run_cli
+from lra.module import model_inputs
 
 
 @torch.no_grad()
 def split_accuracy(model: torch.nn.Module, loader: Any) -> tuple[float, int]:
     """Accuracy of ``model`` over every batch of ``loader``, and the number of examples scored."""
-    from lra.module import INPUT_KEYS
-
     correct = total = 0
     for batch in loader:
-        logits = model(**{key: batch[key] for key in INPUT_KEYS if key in batch})
+        logits = model(**model_inputs(batch))
         correct += int((logits.argmax(dim=-1) == batch["label"]).sum())
         total += int(batch["label"].numel())
     return correct / max(total, 1), total
@@ -40,7 +38,7 @@ def split_accuracy(model: torch.nn.Module, loader: Any) -> tuple[float, int]:
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
     """The run's last checkpoint scored on its task's whole validation and test splits."""
-    config = OmegaConf.load(run_dir / "config_resolved.yaml")
+    _, _, config = run_files(run_dir)
     config.data.max_eval_samples = None
     datamodule = instantiate(config.data)
     datamodule.prepare_data()

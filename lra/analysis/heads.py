@@ -48,7 +48,6 @@ VARIANTS = {
     "taylorshift": [{"mode": "direct", "quadratic": True}, {"mode": "efficient"}],
 }
 DIRECT, EFFICIENT = "taylorshift mode=direct", "taylorshift mode=efficient"
-# The benchmark's primary config: its seed and FLOP conventions apply here too.
 
 
 def bench_config(args: argparse.Namespace, heads: int, head_dim: int) -> Any:

@@ -31,7 +31,7 @@ from torch import Tensor
 from lra.analysis.capture import captured_attention_calls
 from lra.analysis.runs import pyplot, save_figure
 from lra.errors import ConfigError, MissingCheckpointError, run_cli
-from lra.module import INPUT_KEYS
+from lra.module import model_inputs
 from models.attention.maps import attention_weights, key_axis_label
 from models.heads import LRAModel
 
@@ -89,7 +89,7 @@ def example_maps(
     encoder = model.encoder
     layer_ids = _select(layers, len(encoder.attentions), "layers")
     head_ids = _select(heads, encoder.attentions[0].num_heads, "heads")
-    inputs = {key: value for key, value in example.items() if key in INPUT_KEYS}
+    inputs = model_inputs(example)
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError(
             f"attention maps: expected one example, got a batch of {inputs['input_ids'].shape[0]}"
@@ -313,6 +313,28 @@ def model_from_config(config: Any, datamodule: Any) -> LRAModel:
     return build_model(config.model, instantiate(config.attention), datamodule)
 
 
+def run_files(path: Path) -> tuple[Path, Path, Any]:
+    """The run directory, its checkpoint and its resolved config (``config_resolved.yaml``).
+
+    Args:
+        path: a checkpoint file or a run directory (whose ``checkpoints/last.ckpt`` is used).
+
+    Raises:
+        MissingCheckpointError: no checkpoint, or no ``config_resolved.yaml`` beside it.
+    """
+    from omegaconf import OmegaConf
+
+    checkpoint = checkpoint_in(path)
+    run_dir = run_dir_of(path if path.is_dir() else checkpoint)
+    config_path = run_dir / "config_resolved.yaml"
+    if not config_path.is_file():
+        raise MissingCheckpointError(
+            f"{config_path} not found; the checkpoint must sit in a train.py run directory "
+            f"(<run>/checkpoints/*.ckpt next to <run>/config_resolved.yaml)"
+        )
+    return run_dir, checkpoint, OmegaConf.load(config_path)
+
+
 def load_run(path: Path, datamodule: Any | None = None) -> tuple[LoadedRun, Any]:
     """Rebuild the model of a run from ``config_resolved.yaml`` and load the checkpoint's weights.
 
@@ -324,17 +346,8 @@ def load_run(path: Path, datamodule: Any | None = None) -> tuple[LoadedRun, Any]
         The run and the data module used.
     """
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    checkpoint = checkpoint_in(path)
-    run_dir = run_dir_of(path if path.is_dir() else checkpoint)
-    config_path = run_dir / "config_resolved.yaml"
-    if not config_path.is_file():
-        raise MissingCheckpointError(
-            f"{config_path} not found; the checkpoint must sit in a train.py run directory "
-            f"(<run>/checkpoints/*.ckpt next to <run>/config_resolved.yaml)"
-        )
-    config = OmegaConf.load(config_path)
+    run_dir, checkpoint, config = run_files(path)
     if datamodule is None:
         datamodule = instantiate(config.data)
         datamodule.prepare_data()
