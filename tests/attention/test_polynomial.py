@@ -72,8 +72,10 @@ def test_gradcheck(a, causal):
 def test_feature_blocks_match_single_block(monkeypatch):
     """Forward and backward over several N blocks (the memory bound of the non-causal path) are exact."""
     monkeypatch.setattr(poly_torch, "FEATURE_BLOCK_ELEMENTS", 2 * 9 * 10)
+    monkeypatch.setattr(poly_torch, "MIN_BLOCK_ROWS", 1)
     q, k, v = _inputs(1, 2, 33, 3, 4, requires_grad=True)
-    assert len(poly_torch._row_blocks(q.shape, 9)) == 4
+    # Feature blocks are 3·4 wide: 15 rows each, three per head.
+    assert len(poly_torch.blocking(2, 33, 3 * 4).split(q.reshape(2, 33, 3))) == 6
     out = poly_kernel_attention(q, k, v, 0.5, 1.0, 1.0)
     ref = poly_kernel_attention_ref(q, k, v, 0.5, 1.0, 1.0)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
@@ -190,8 +192,8 @@ def test_row_chunks_within_a_head_match_ref(monkeypatch):
     monkeypatch.setattr(poly_torch, "FEATURE_BLOCK_ELEMENTS", 5 * 3 * 4)
     monkeypatch.setattr(poly_torch, "MIN_BLOCK_ROWS", 1)
     q, k, v = _inputs(2, 2, 23, 3, 4, requires_grad=True)
-    blocks = poly_torch._blocks(4, 23, 3 * 4)
-    assert len(blocks) == 4 * 5 and all(heads.stop - heads.start == 1 for heads, _ in blocks)
+    blocks = poly_torch.blocking(4, 23, 3 * 4).split(torch.zeros(4, 23, 1))
+    assert len(blocks) == 4 * 5 and all(block.shape[0] == 1 for block in blocks)
     grad_out = torch.randn(2, 2, 23, 4, dtype=F64)
     out = poly_kernel_attention(q, k, v, 0.5, 1.3, 2.0)
     ref = poly_kernel_attention_ref(q, k, v, 0.5, 1.3, 2.0)
@@ -204,12 +206,19 @@ def test_row_chunks_within_a_head_match_ref(monkeypatch):
 
 def test_blocks_group_whole_heads_and_cover_everything():
     for batch_heads, seq_len, width in ((64, 513, 16 * 17), (3, 5000, 16 * 17), (7, 40, 9), (2, 1, 4)):
-        blocks = poly_torch._blocks(batch_heads, seq_len, width)
-        covered = torch.zeros(batch_heads, seq_len, dtype=torch.int64)
-        for heads, rows in blocks:
-            covered[heads, rows] += 1
-            assert heads.stop - heads.start == 1 or (rows.start, rows.stop) == (0, seq_len)
-        assert bool((covered == 1).all())
+        plan = poly_torch.blocking(batch_heads, seq_len, width)
+        index = torch.arange(batch_heads * seq_len).view(batch_heads, seq_len, 1)
+        blocks = plan.split(index)
+        states = plan.per_block(torch.arange(batch_heads))  # the head each block's state slice belongs to
+        assert len(states) == len(blocks)
+        for block, state in zip(blocks, states, strict=True):
+            assert block.shape[0] == 1 or block.shape[1] == seq_len
+            assert block.shape[0] * block.shape[1] * width <= max(
+                poly_torch.FEATURE_BLOCK_ELEMENTS, poly_torch.MIN_BLOCK_ROWS * width
+            )
+            torch.testing.assert_close(block[:, 0, 0] // seq_len, state)
+        covered = torch.cat([block.flatten() for block in blocks])
+        assert torch.equal(covered, torch.arange(batch_heads * seq_len))
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])

@@ -7,63 +7,79 @@ in autograd nodes and holds the reference.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-# Elements of a quadratic-feature block held at once (1 MB in fp32): small enough to stay in a core's L2 cache
+# Elements of a quadratic-feature block held at once (2 MB in fp32): small enough to stay in a core's L2 cache
 # between the multiply that builds it and the matmul that reads it, and to be served from malloc's reused heap
 # rather than fresh mmap pages (the measurements behind the number: docs/kernels.md).
-FEATURE_BLOCK_ELEMENTS = 1 << 18
+FEATURE_BLOCK_ELEMENTS = 1 << 19
 MIN_BLOCK_ROWS = 256
 Coefficients = tuple[float, float, float]  # (a, b, c) of f(s) = c + b·s + a·s²
 
 
-def _row_blocks(shape: torch.Size, features: int, min_rows: int = 1) -> list[slice]:
-    """Slices over N such that a ``[B, H, rows, features]`` block stays under the element budget (or holds
-    ``min_rows`` rows, whichever is more)."""
-    batch_heads, seq_len = shape[0] * shape[1], shape[2]
-    rows = max(1, min_rows, FEATURE_BLOCK_ELEMENTS // max(1, batch_heads * features))
-    return [slice(start, min(start + rows, seq_len)) for start in range(0, seq_len, rows)]
+class Blocking(NamedTuple):
+    """How a pass cuts ``[G, N, *]`` tensors: ``heads`` whole heads per block, or (``heads`` = 1) ``rows``
+    rows of one head per block."""
+
+    heads: int
+    rows: int
+    seq_len: int
+
+    def split(self, x: Tensor, row_dim: int = 1) -> list[Tensor]:
+        """``x``'s blocks as views, in block order; rows lie along ``row_dim``.
+
+        ``Tensor.split`` makes all views in one call: indexing with slices block by block cost about a
+        sixth of the kernel's time at the CPU profile's shapes (docs/kernels.md).
+        """
+        if self.rows >= self.seq_len:
+            return list(x.split(self.heads))
+        return [chunk for head in x.split(1) for chunk in head.split(self.rows, dim=row_dim)]
+
+    def per_block(self, x: Tensor) -> list[Tensor]:
+        """The head slice of a per-head ``[G, *]`` tensor (a state) that each block reads."""
+        if self.rows >= self.seq_len:
+            return list(x.split(self.heads))
+        return [head for head in x.split(1) for _ in range(-(-self.seq_len // self.rows))]
 
 
-def _blocks(batch_heads: int, seq_len: int, width: int) -> list[tuple[slice, slice]]:
-    """(heads, rows) slices of a ``[B·H, N, *]`` tensor whose ``[heads, rows, width]`` feature block stays
-    under the element budget.
+def blocking(batch_heads: int, seq_len: int, width: int) -> Blocking:
+    """The blocks of a ``[B·H, N, *]`` pass whose ``[heads, rows, width]`` feature block stays under the
+    element budget.
 
     Whole heads are grouped while one head fits, otherwise one head is cut into row chunks of at least
     ``MIN_BLOCK_ROWS`` rows (fewer rows make the state products, which contract over them, inefficient at
     large d, where the d×d·e state is re-read per block). Either way the
-    slice of a contiguous ``[B·H, N, *]`` tensor is itself contiguous, so every block is one bmm that writes
+    block of a contiguous ``[B·H, N, *]`` tensor is itself contiguous, so every block is one bmm that writes
     its output in place (a strided block makes CPU ``baddbmm_`` fall back to one addmm per matrix).
     """
     per_head = seq_len * width
     if per_head <= FEATURE_BLOCK_ELEMENTS:
-        heads = max(1, FEATURE_BLOCK_ELEMENTS // per_head)
-        return [
-            (slice(g, min(g + heads, batch_heads)), slice(0, seq_len)) for g in range(0, batch_heads, heads)
-        ]
-    rows = _row_blocks(torch.Size((1, 1, seq_len)), width, MIN_BLOCK_ROWS)
-    return [(slice(g, g + 1), row_slice) for g in range(batch_heads) for row_slice in rows]
+        return Blocking(max(1, min(batch_heads, FEATURE_BLOCK_ELEMENTS // per_head)), seq_len, seq_len)
+    return Blocking(1, max(1, MIN_BLOCK_ROWS, FEATURE_BLOCK_ELEMENTS // width), seq_len)
 
 
-def _feature_blocks(q: Tensor, value_width: int) -> tuple[list[tuple[slice, slice]], Tensor]:
-    """The blocks of ``_blocks`` for q ``[G, N, d]``'s feature blocks (q⊠q, k⊠v', ...: up to d·max(d, e)
-    wide), and one flat workspace that holds the largest of them.
+class _Outer:
+    """Row-wise outer products vec(x yᵀ) of blocks, ``[g, R, m]``, ``[g, R, n] -> [g, R, m·n]``, written
+    into one flat workspace that holds the largest block.
 
-    Every feature block of a pass is written into the workspace: a fresh tensor per block would cost an
-    allocation and first-touch page faults each time (a third of the time of the multiply that fills it).
+    A fresh tensor per block would cost an allocation and first-touch page faults each time (a third of the
+    time of the multiply that fills it).
     """
-    batch_heads, seq_len, d = q.shape
-    width = d * max(d, value_width)
-    blocks = _blocks(batch_heads, seq_len, width)
-    largest = max((h.stop - h.start) * (r.stop - r.start) for h, r in blocks)
-    return blocks, q.new_empty(largest * width)
 
+    def __init__(self, like: Tensor, plan: Blocking, width: int) -> None:
+        self.workspace = like.new_empty(plan.heads * min(plan.rows, plan.seq_len) * width)
+        self.views: dict[torch.Size, Tensor] = {}
 
-def _outer_rows(x: Tensor, y: Tensor, workspace: Tensor) -> Tensor:
-    """Row-wise vec(x yᵀ): ``[G, R, m]``, ``[G, R, n] -> [G, R, m·n]``, written into ``workspace``."""
-    out = workspace[: x.numel() * y.shape[-1]].view(*x.shape, y.shape[-1])
-    return torch.mul(x.unsqueeze(-1), y.unsqueeze(-2), out=out).flatten(-2)
+    def __call__(self, x_column: Tensor, y_row: Tensor) -> Tensor:
+        """``x_column`` ``[g, R, m, 1]`` and ``y_row`` ``[g, R, 1, n]`` (views of ``unsqueeze``d tensors)."""
+        shape = torch.Size((*x_column.shape[:-1], y_row.shape[-1]))
+        out = self.views.get(shape)
+        if out is None:
+            out = self.views[shape] = self.workspace[: shape.numel()].view(shape)
+        return torch.mul(x_column, y_row, out=out).flatten(-2)
 
 
 # The non-causal torch path, written out by hand (``poly_forward``/``poly_backward``) so that it never
@@ -92,15 +108,27 @@ def poly_forward(q: Tensor, k: Tensor, v: Tensor, coefficients: Coefficients) ->
         out = torch.baddbmm(s0, q, s1, beta=c, alpha=b)  # c·S0 + b·q·S1
     s2r = None
     if a != 0:
+        plan = blocking(batch_heads, seq_len, d * max(d, value_width))
+        outer = _Outer(q, plan, d * max(d, value_width))
         s2r = q.new_zeros(batch_heads, d, d * value_width)
-        blocks, workspace = _feature_blocks(q, value_width)
-        for heads, rows in blocks:
-            k_block = k[heads, rows]
-            s2r[heads].baddbmm_(k_block.transpose(1, 2), _outer_rows(k_block, v[heads, rows], workspace))
-        s2 = s2r.view(batch_heads, d * d, value_width)
-        for heads, rows in blocks:
-            q_block = q[heads, rows]
-            out[heads, rows].baddbmm_(_outer_rows(q_block, q_block, workspace), s2[heads], alpha=a)
+        blocks = zip(
+            plan.per_block(s2r),
+            plan.split(k.transpose(1, 2), 2),
+            plan.split(k[..., None]),
+            plan.split(v[:, :, None]),
+            strict=True,
+        )
+        for s2r_block, kt, kc, vr in blocks:
+            s2r_block.baddbmm_(kt, outer(kc, vr))
+        blocks = zip(
+            plan.per_block(s2r.view(batch_heads, d * d, value_width)),  # S2
+            plan.split(q[..., None]),
+            plan.split(q[:, :, None]),
+            plan.split(out),
+            strict=True,
+        )
+        for s2, qc, qr, out_block in blocks:
+            out_block.baddbmm_(outer(qc, qr), s2, alpha=a)
     return out, (s1, s2r)
 
 
@@ -121,22 +149,37 @@ def poly_backward(
         dq, dk = torch.zeros_like(q), torch.zeros_like(k)
         dv = (c * grad_sum).expand(batch_heads, seq_len, value_width).contiguous()
     if s2r is not None:
+        plan = blocking(batch_heads, seq_len, d * max(d, value_width))
+        outer = _Outer(q, plan, d * max(d, value_width))
         ds2r = torch.zeros_like(s2r)
-        s2r_t = s2r.transpose(1, 2)  # [G, d·e, d]
-        blocks, workspace = _feature_blocks(q, value_width)
-        for heads, rows in blocks:
-            q_block = q[heads, rows]
-            q_grad = _outer_rows(q_block, grad[heads, rows], workspace)  # Q⊠dY
-            ds2r[heads].baddbmm_(q_block.transpose(1, 2), q_grad)
-            dq[heads, rows].baddbmm_(q_grad, s2r_t[heads], alpha=2 * a)
+        blocks = zip(
+            plan.per_block(ds2r),
+            plan.per_block(s2r.transpose(1, 2)),  # [G, d·e, d]
+            plan.split(q.transpose(1, 2), 2),
+            plan.split(q[..., None]),
+            plan.split(grad[:, :, None]),
+            plan.split(dq),
+            strict=True,
+        )
+        for ds2r_block, s2r_t, qt, qc, gr, dq_block in blocks:
+            q_grad = outer(qc, gr)  # Q⊠dY
+            ds2r_block.baddbmm_(qt, q_grad)
+            dq_block.baddbmm_(q_grad, s2r_t, alpha=2 * a)
         ds2r.mul_(a)
-        ds2r_t, ds2 = ds2r.transpose(1, 2), ds2r.view(batch_heads, d * d, value_width)
-        for heads, rows in blocks:
-            k_block = k[heads, rows]
-            k_value = _outer_rows(k_block, v[heads, rows], workspace)
-            dk[heads, rows].baddbmm_(k_value, ds2r_t[heads], alpha=2)
+        blocks = zip(
+            plan.per_block(ds2r.transpose(1, 2)),
+            plan.per_block(ds2r.view(batch_heads, d * d, value_width)),
+            plan.split(k[..., None]),
+            plan.split(k[:, :, None]),
+            plan.split(v[:, :, None]),
+            plan.split(dk),
+            plan.split(dv),
+            strict=True,
+        )
+        for ds2r_t, ds2, kc, kr, vr, dk_block, dv_block in blocks:
+            dk_block.baddbmm_(outer(kc, vr), ds2r_t, alpha=2)
             # K⊠K goes into the workspace as well, after the last use of K⊠V' (d² <= d·e elements per row).
-            dv[heads, rows].baddbmm_(_outer_rows(k_block, k_block, workspace), ds2[heads])
+            dv_block.baddbmm_(outer(kc, kr), ds2)
     return dq, dk, dv
 
 
