@@ -1,0 +1,190 @@
+"""TaylorShift side by side with the official code (github.com/tobna/TaylorShift, Nauen et al. 2024).
+
+    python -m lra.official_peer /path/to/TaylorShift [--seq-len 8192 --head-dim 32 --heads 4 --batch 1]
+        [--out results/efficiency/cpu_official]
+
+Times forward+backward of the official module's ``_efficient_attention`` and ``_direct_attention`` beside
+this project's ``taylorshift`` (``mode=efficient`` and ``mode=direct``) on the same q, k, v and output
+gradient, interleaved in one process (median of the repeats after a warm-up). The official file is loaded from
+your clone and never copied here; its imports of timm, ``vit`` and ``utils``, which only its ViT classes use,
+are replaced by empty stand-ins. Both compute the same function unmasked (checked before timing): the
+official efficient path with ``output_normalized=True`` (the √(N/d) output scale this project's YAML applies);
+its direct path without it, because that path scales V in place, which autograd refuses on a leaf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from data.cache import atomic_write_text
+from lra.bench import environment
+from lra.errors import ConfigError, run_cli
+from lra.registry import attention_factory
+from lra.timing import median_iqr, time_calls
+
+
+def load_official(clone: Path) -> types.ModuleType:
+    """``taylor_shift.py`` of a clone of tobna/TaylorShift (or that file itself), with stand-ins for the
+    modules its ViT classes import."""
+    path = clone / "taylor_shift.py" if clone.is_dir() else clone
+    if not path.is_file():
+        raise ConfigError(
+            f"no official TaylorShift code at {path}; clone it with "
+            "`git clone https://github.com/tobna/TaylorShift` and pass the folder"
+        )
+    stand_ins = {
+        "timm": {},
+        "timm.models": {},
+        "timm.models.vision_transformer": {"Block": nn.Module},
+        "vit": {"TimmViT": nn.Module},
+        "utils": {"list_flatten": lambda nested: [x for part in nested for x in part]},
+    }
+    added = [name for name in stand_ins if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = types.ModuleType(name)
+        vars(sys.modules[name]).update(stand_ins[name])
+    try:
+        spec = importlib.util.spec_from_file_location("official_taylor_shift", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:  # only the import needs them; nothing else in this process should find a fake timm
+        for name in added:
+            del sys.modules[name]
+    return module
+
+
+def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
+    official = load_official(Path(args.clone))
+    shape = (args.batch, args.heads, args.seq_len, args.head_dim)
+    torch.manual_seed(0)
+    q, k, v, dout = (torch.randn(shape) for _ in range(4))
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+
+    def peer(output_normalized: bool) -> nn.Module:
+        return official.TaylorShiftAttention(
+            args.heads * args.head_dim, num_heads=args.heads, output_normalized=output_normalized
+        )
+
+    ours = {mode: attention_factory("taylorshift", {"mode": mode}) for mode in ("efficient", "direct")}
+    ours = {mode: make(args.heads, args.head_dim, args.seq_len) for mode, make in ours.items()}
+    calls = {
+        "official efficient": peer(True)._efficient_attention,
+        "project efficient": lambda q, k, v: ours["efficient"](q, k, v),
+        "official direct": peer(False)._direct_attention,
+        "project direct": lambda q, k, v: ours["direct"](q, k, v),
+    }
+    if args.skip_direct:
+        calls = {name: call for name, call in calls.items() if "direct" not in name}
+
+    def fwd_bwd(call: Any) -> Any:
+        for leaf in leaves:
+            leaf.grad = None
+        out = call(q, k, v)
+        out.backward(dout)
+        return out
+
+    cpu = torch.device("cpu")
+    reference = fwd_bwd(calls["project efficient"]).detach()
+    for name, call in calls.items():
+        for _ in range(args.warmup):
+            out = fwd_bwd(call)
+        # Every path but the official direct one carries the √(N/d) output scale.
+        expected = (
+            reference / (args.seq_len / args.head_dim) ** 0.5 if name == "official direct" else reference
+        )
+        error = ((out.detach() - expected).abs().max() / expected.abs().max()).item()
+        if error > 1e-3:
+            raise RuntimeError(
+                f"{name} differs from the project's efficient output by {error:.2e} (relative)"
+            )
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(args.repeats):  # interleaved, so that drifts of a shared machine hit every method alike
+        for name, call in calls.items():
+            times[name] += time_calls(lambda call=call: fwd_bwd(call), cpu, 1)
+    env = {**environment(cpu), "load1": os.getloadavg()[0]}
+    rows = []
+    for name, measured in times.items():
+        median, iqr = median_iqr(measured)
+        peer_name = name.replace("project", "official")
+        rows.append(
+            {
+                "method": name,
+                "batch": args.batch,
+                "heads": args.heads,
+                "seq_len": args.seq_len,
+                "head_dim": args.head_dim,
+                "dtype": "float32",
+                "fwd_bwd_ms": round(median, 2),
+                "fwd_bwd_iqr_ms": round(iqr, 2),
+                "repeats": args.repeats,
+                **env,
+                "vs_official": None if name.startswith("official") else peer_name,
+            }
+        )
+    by_name = {row["method"]: row for row in rows}
+    for row in rows:
+        if row["vs_official"]:
+            row["vs_official"] = round(row["fwd_bwd_ms"] / by_name[row["vs_official"]]["fwd_bwd_ms"], 3)
+    return rows
+
+
+def report(rows: list[dict[str, Any]], command: str) -> str:
+    first = rows[0]
+    lines = [
+        "# TaylorShift against the official code (fwd+bwd)",
+        "",
+        f"`{command}` (`lra/official_peer.py`: what is compared and how). Raw rows: `rows.json`.",
+        "",
+        f"- device: {first['device_name']}, {first['threads']} torch threads; torch {first['torch']}, "
+        f"python {first['python']}; git commit `{first['git_commit']}`; 1-minute load at the end "
+        f"{first['load1']:.2f}",
+        f"- shape: B={first['batch']}, h={first['heads']}, N={first['seq_len']}, d={first['head_dim']}, "
+        f"float32, unmasked; median of {first['repeats']} interleaved calls after warm-up",
+        "",
+        "| method | fwd+bwd ms (± IQR) | time ÷ official |",
+        "|---|---|---|",
+    ]
+    for row in rows:
+        ratio = "" if row["vs_official"] is None else f"{row['vs_official']:.2f}×"
+        lines.append(
+            f"| {row['method']} | {row['fwd_bwd_ms']:.1f} (± {row['fwd_bwd_iqr_ms']:.1f}) | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("clone", help="a clone of github.com/tobna/TaylorShift (or its taylor_shift.py)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=8192)
+    parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-direct", action="store_true", help="time the efficient paths only")
+    parser.add_argument("--out", help="folder for rows.json and report.md (default: print only)")
+    args = parser.parse_args(argv)
+    rows = measure(args)
+    # The clone's path is this machine's: the report shows where it goes instead.
+    given = [("<clone of tobna/TaylorShift>" if a == args.clone else a) for a in (argv or sys.argv[1:])]
+    text = report(rows, "python -m lra.official_peer " + " ".join(given))
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "rows.json", json.dumps(rows, indent=1) + "\n")
+        atomic_write_text(out / "report.md", text)
+
+
+if __name__ == "__main__":
+    run_cli(main, prog="python -m lra.official_peer")
