@@ -1,7 +1,7 @@
 """TaylorShift side by side with the official code (github.com/tobna/TaylorShift, Nauen et al. 2024).
 
     python -m lra.official_peer /path/to/TaylorShift [--seq-len 8192 --head-dim 32 --heads 4 --batch 1]
-        [--out results/efficiency/cpu_official]
+        [--out results/official_peer/cpu]
 
 Times forward+backward of the official module's ``_efficient_attention`` and ``_direct_attention`` beside
 this project's ``taylorshift`` (``mode=efficient`` and ``mode=direct``) on the same q, k, v and output
