@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from models.attention.base import Attention, accumulation_dtype, zero_pads
+from models.attention.base import Attention, accumulation_dtype
 from models.attention.kernels import run_triton_poly_kernel
 from models.attention.kernels.poly_torch import Coefficients, fold_heads, poly_backward, poly_forward
 
@@ -198,19 +198,20 @@ class _PolyRatio(torch.autograd.Function):
     ) -> Tensor:
         shape = v.shape
         with torch.no_grad():
-            v_aug = augmented_values(v, Augmentation(first, divisor, mask))
+            augmentation = Augmentation(first, divisor, mask)
+            v_aug, factor = augmented_values(v, augmentation), _row_factor(augmentation, v.dtype)
         q, k, v_aug = fold_heads(q, k, v_aug)
         out_aug, (s1, s2r) = poly_forward(q, k, v_aug, (a, b, c))
         denominator, nonzero = _denominator(out_aug)
         out = out_aug[..., 1:] / denominator
-        ctx.save_for_backward(q, k, v_aug, s1, s2r, out, denominator, nonzero, divisor, mask)
+        ctx.save_for_backward(q, k, v_aug, s1, s2r, out, denominator, nonzero, factor)
         ctx.coefficients, ctx.output_shape = (a, b, c), shape
         return out.view(shape)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        q, k, v_aug, s1, s2r, out, denominator, nonzero, divisor, mask = ctx.saved_tensors
+        q, k, v_aug, s1, s2r, out, denominator, nonzero, factor = ctx.saved_tensors
         shape = ctx.output_shape
         (grad,) = fold_heads(grad_out)
         grad_aug = torch.empty_like(v_aug)
@@ -218,11 +219,9 @@ class _PolyRatio(torch.autograd.Function):
         grad_den = (grad_aug[..., 1:] * out).sum(dim=-1, keepdim=True).neg_()
         grad_aug[..., :1] = torch.where(nonzero, grad_den, grad_den.new_zeros(()))
         dq, dk, dv_aug = poly_backward(q, k, v_aug, (s1, s2r), grad_aug, ctx.coefficients)
-        # V' = [first, v]/divisor with zero rows at pads: chain through the copy, the division, the select.
+        # V' = [first, v]·factor (1/divisor, 0 at pads): chain through the copy and the row factor.
         dv = dv_aug[..., 1:].unflatten(0, shape[:2])
-        dv = dv / divisor if divisor is not None else dv.contiguous()
-        if mask is not None:
-            dv = torch.where(mask[:, None, :, None], dv, dv.new_zeros(()))
+        dv = dv * factor if factor is not None else dv.contiguous()
         qk_shape = (*shape[:-1], q.shape[-1])
         return dq.view(qk_shape), dk.view(qk_shape), dv, None, None, None, None, None, None
 
@@ -315,11 +314,22 @@ def augmented_values(v: Tensor, augmentation: Augmentation) -> Tensor:
     polynomial attention (the denominator trick of linear attention, Katharopoulos et al., 2020). Zeroing a
     pad's whole row, first entry included, removes it from both.
     """
-    first, divisor, mask = augmentation
-    v_aug = torch.cat([first.expand(*v.shape[:-1], 1).to(v.dtype), v], dim=-1)
+    v_aug = torch.cat([augmentation.first.expand(*v.shape[:-1], 1).to(v.dtype), v], dim=-1)
+    factor = _row_factor(augmentation, v.dtype)
+    return v_aug if factor is None else v_aug * factor
+
+
+def _row_factor(augmentation: Augmentation, dtype: torch.dtype) -> Tensor | None:
+    """What multiplies V''s rows: 1/divisor, and 0 at pads (``[B, 1, N | 1, 1]``; None: neither).
+
+    A multiply, not a select: V is already zero at pads (``Attention.forward`` zeroes them with a select,
+    which keeps a NaN out), and one multiply costs a third of a division and a select over V'.
+    """
+    _, divisor, mask = augmentation
+    factor = None if mask is None else mask[:, None, :, None].to(dtype)
     if divisor is not None:
-        v_aug = v_aug / divisor
-    return v_aug if mask is None else zero_pads((v_aug,), mask)[0]
+        factor = 1 / divisor if factor is None else factor / divisor
+    return factor
 
 
 def _denominator(out_aug: Tensor) -> tuple[Tensor, Tensor]:
