@@ -163,7 +163,7 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lra.official_peer", description=__doc__.split("\n")[0])
     parser.add_argument("clone", help="a clone of github.com/tobna/TaylorShift (or its taylor_shift.py)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--heads", type=int, default=4)
