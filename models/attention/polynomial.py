@@ -198,8 +198,8 @@ class _PolyRatio(torch.autograd.Function):
     ) -> Tensor:
         shape = v.shape
         with torch.no_grad():
-            augmentation = Augmentation(first, divisor, mask)
-            v_aug, factor = augmented_values(v, augmentation), _row_factor(augmentation, v.dtype)
+            factor = _row_factor(Augmentation(first, divisor, mask), v.dtype)
+            v_aug = _scaled_rows(v, first, factor)
         q, k, v_aug = fold_heads(q, k, v_aug)
         out_aug, (s1, s2r) = poly_forward(q, k, v_aug, (a, b, c))
         denominator, nonzero = _denominator(out_aug)
@@ -314,8 +314,12 @@ def augmented_values(v: Tensor, augmentation: Augmentation) -> Tensor:
     polynomial attention (the denominator trick of linear attention, Katharopoulos et al., 2020). Zeroing a
     pad's whole row, first entry included, removes it from both.
     """
-    v_aug = torch.cat([augmentation.first.expand(*v.shape[:-1], 1).to(v.dtype), v], dim=-1)
-    factor = _row_factor(augmentation, v.dtype)
+    return _scaled_rows(v, augmentation.first, _row_factor(augmentation, v.dtype))
+
+
+def _scaled_rows(v: Tensor, first: Tensor, factor: Tensor | None) -> Tensor:
+    """[first, V]·factor, ``[B, H, N, e + 1]`` (factor from ``_row_factor``; None: no scaling)."""
+    v_aug = torch.cat([first.expand(*v.shape[:-1], 1).to(v.dtype), v], dim=-1)
     return v_aug if factor is None else v_aug * factor
 
 
