@@ -22,11 +22,12 @@ Coefficients = tuple[float, float, float]  # (a, b, c) of f(s) = c + b·s + a·s
 
 class Blocking(NamedTuple):
     """How a pass cuts ``[G, N, *]`` tensors: ``heads`` whole heads per block, or (``heads`` = 1) ``rows``
-    rows of one head per block."""
+    rows of one head per block; ``width`` is the widest feature block's row."""
 
     heads: int
     rows: int
     seq_len: int
+    width: int
 
     def split(self, x: Tensor, row_dim: int = 1) -> list[Tensor]:
         """``x``'s blocks as views, in block order; rows lie along ``row_dim``.
@@ -57,8 +58,8 @@ def blocking(batch_heads: int, seq_len: int, width: int) -> Blocking:
     """
     per_head = seq_len * width
     if per_head <= FEATURE_BLOCK_ELEMENTS:
-        return Blocking(max(1, min(batch_heads, FEATURE_BLOCK_ELEMENTS // per_head)), seq_len, seq_len)
-    return Blocking(1, max(1, MIN_BLOCK_ROWS, FEATURE_BLOCK_ELEMENTS // width), seq_len)
+        return Blocking(max(1, min(batch_heads, FEATURE_BLOCK_ELEMENTS // per_head)), seq_len, seq_len, width)
+    return Blocking(1, max(1, MIN_BLOCK_ROWS, FEATURE_BLOCK_ELEMENTS // width), seq_len, width)
 
 
 class _Outer:
@@ -69,8 +70,8 @@ class _Outer:
     time of the multiply that fills it).
     """
 
-    def __init__(self, like: Tensor, plan: Blocking, width: int) -> None:
-        self.workspace = like.new_empty(plan.heads * min(plan.rows, plan.seq_len) * width)
+    def __init__(self, like: Tensor, plan: Blocking) -> None:
+        self.workspace = like.new_empty(plan.heads * min(plan.rows, plan.seq_len) * plan.width)
         self.views: dict[torch.Size, Tensor] = {}
 
     def __call__(self, x_column: Tensor, y_row: Tensor) -> Tensor:
@@ -109,7 +110,7 @@ def poly_forward(q: Tensor, k: Tensor, v: Tensor, coefficients: Coefficients) ->
     s2r = None
     if a != 0:
         plan = blocking(batch_heads, seq_len, d * max(d, value_width))
-        outer = _Outer(q, plan, d * max(d, value_width))
+        outer = _Outer(q, plan)
         s2r = q.new_zeros(batch_heads, d, d * value_width)
         blocks = zip(
             plan.per_block(s2r),
@@ -150,7 +151,7 @@ def poly_backward(
         dv = (c * grad_sum).expand(batch_heads, seq_len, value_width).contiguous()
     if s2r is not None:
         plan = blocking(batch_heads, seq_len, d * max(d, value_width))
-        outer = _Outer(q, plan, d * max(d, value_width))
+        outer = _Outer(q, plan)
         ds2r = torch.zeros_like(s2r)
         blocks = zip(
             plan.per_block(ds2r),
