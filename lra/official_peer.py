@@ -75,8 +75,10 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             args.heads * args.head_dim, num_heads=args.heads, output_normalized=output_normalized
         )
 
-    ours = {mode: attention_factory("taylorshift", {"mode": mode}) for mode in ("efficient", "direct")}
-    ours = {mode: make(args.heads, args.head_dim, args.seq_len) for mode, make in ours.items()}
+    ours = {
+        mode: attention_factory("taylorshift", {"mode": mode})(args.heads, args.head_dim, args.seq_len)
+        for mode in ("efficient", "direct")
+    }
     calls = {
         "official efficient": peer(True)._efficient_attention,
         "project efficient": lambda q, k, v: ours["efficient"](q, k, v),
@@ -104,18 +106,20 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         error = ((out.detach() - expected).abs().max() / expected.abs().max()).item()
         if error > 1e-3:
-            raise RuntimeError(
-                f"{name} differs from the project's efficient output by {error:.2e} (relative)"
+            raise ConfigError(
+                f"{name} differs from the project's efficient output by {error:.2e} (relative) on the same "
+                f"inputs, so timing them side by side would compare different functions; check that the "
+                f"clone's TaylorShiftAttention is the released one (a=0.5, b=1, c=1, normalize_input=True)"
             )
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(args.repeats):  # interleaved, so that drifts of a shared machine hit every method alike
         for name, call in calls.items():
             times[name] += time_calls(lambda call=call: fwd_bwd(call), cpu, 1)
     env = {**environment(cpu), "load1": os.getloadavg()[0]}
+    medians = {name: [round(x, 2) for x in median_iqr(measured)] for name, measured in times.items()}
     rows = []
-    for name, measured in times.items():
-        median, iqr = median_iqr(measured)
-        peer_name = name.replace("project", "official")
+    for name, (median, iqr) in medians.items():
+        peer_median = medians[name.replace("project", "official")][0]
         rows.append(
             {
                 "method": name,
@@ -124,17 +128,13 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "seq_len": args.seq_len,
                 "head_dim": args.head_dim,
                 "dtype": "float32",
-                "fwd_bwd_ms": round(median, 2),
-                "fwd_bwd_iqr_ms": round(iqr, 2),
+                "fwd_bwd_ms": median,
+                "fwd_bwd_iqr_ms": iqr,
                 "repeats": args.repeats,
                 **env,
-                "vs_official": None if name.startswith("official") else peer_name,
+                "vs_official": None if name.startswith("official") else round(median / peer_median, 3),
             }
         )
-    by_name = {row["method"]: row for row in rows}
-    for row in rows:
-        if row["vs_official"]:
-            row["vs_official"] = round(row["fwd_bwd_ms"] / by_name[row["vs_official"]]["fwd_bwd_ms"], 3)
     return rows
 
 

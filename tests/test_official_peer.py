@@ -57,3 +57,13 @@ def test_the_peer_is_checked_timed_and_reported(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "<clone of tobna/TaylorShift>" in report and str(clone) not in report
     assert "| project efficient |" in report and report in capsys.readouterr().out
+
+
+def test_a_clone_computing_another_function_is_refused_before_timing(tmp_path):
+    clone = tmp_path / "TaylorShift"
+    clone.mkdir()
+    different = STAND_IN.replace("return self._efficient_attention(q, k, v)", "return 2 * q")
+    (clone / "taylor_shift.py").write_text(different)
+    sizes = ["--seq-len", "40", "--head-dim", "4", "--heads", "2", "--repeats", "1"]
+    with pytest.raises(ConfigError, match="official direct differs .* released one"):
+        main([str(clone), *sizes])
