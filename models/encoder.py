@@ -1,15 +1,15 @@
-"""The LRA Transformer encoder with a pluggable attention (the LRA paper's "Transformer" baseline).
+"""The LRA Transformer encoder (the LRA paper's "Transformer" baseline) with a pluggable attention.
 
 Token embedding (N(0, 1), no √d scaling, as the official code), an optional zero-initialised CLS vector,
 sinusoidal or learned positions, dropout, pre-LN blocks ``x + Drop(Attn(LN(x)))`` and ``x + MLP(LN(x))``, a
-final LayerNorm, then pooling. The attention is built by a factory (``functools.partial`` from the config)
-completed here with ``num_heads``, ``head_dim`` and ``max_len``.
+final LayerNorm, then pooling.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from einops import rearrange
@@ -23,13 +23,8 @@ PAD_MASKS = ("token_nonzero", "length", "none")
 MEAN_POOLS = ("all_positions", "valid_only")
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"model.{key}={value!r} is not one of {choices}")
-
-
 def sinusoidal_positions(length: int, dim: int) -> Tensor:
-    """The Transformer's fixed sin/cos table, ``[length, dim]``."""
+    """The Transformer's sin/cos table, ``[length, dim]``."""
     position = torch.arange(length, dtype=torch.float32)[:, None]
     frequency = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10_000.0) / dim))
     table = torch.zeros(length, dim)
@@ -39,7 +34,7 @@ def sinusoidal_positions(length: int, dim: int) -> Tensor:
 
 
 class EncoderBlock(nn.Module):
-    """Pre-LN Transformer block; q/k/v/out projections are shared by every attention type."""
+    """Pre-LN Transformer block; the q/k/v/out projections are the same for every attention."""
 
     def __init__(
         self, d_model: int, num_heads: int, qkv_dim: int, mlp_dim: int, dropout: float, attention: Attention
@@ -72,19 +67,13 @@ class EncoderBlock(nn.Module):
 
 
 class LRAEncoder(nn.Module):
-    """Embeds token ids and returns one pooled vector per sequence.
+    """Embeds token ids (0 is padding) and returns one pooled vector per sequence.
 
-    Args:
-        attention: factory completed with ``num_heads``, ``head_dim`` and ``max_len``.
-        vocab_size: embedding rows (id 0 is padding).
-        seq_len: input length L; with CLS pooling the attention sees L + 1 positions.
-        d_model, n_layers, num_heads, qkv_dim, mlp_dim: sizes; ``qkv_dim`` is split over the heads.
-        dropout: residual/MLP/embedding dropout.
-        pooling: ``cls`` | ``mean`` | ``first_token``.
-        pos_emb: ``sinusoidal`` | ``learned`` (N(0, 0.02)).
-        pad_mask: ``token_nonzero`` (official: id 0 is padding, so black pixels are masked and CLS copies
-            the first token's mask), ``length`` (only true padding), ``none``.
-        mean_pool: ``all_positions`` (official, padding included) or ``valid_only``.
+    ``attention`` is a factory completed with ``num_heads``, ``head_dim`` and ``max_len`` (``seq_len``, + 1
+    with a CLS token). ``pos_emb``: ``sinusoidal`` or ``learned`` (N(0, 0.02)). ``pad_mask``:
+    ``token_nonzero`` (official: id 0 is padding, so black pixels are masked, and CLS copies the first
+    token's mask), ``length`` (only true padding) or ``none``. ``mean_pool``: ``all_positions`` (official,
+    padding included) or ``valid_only``.
     """
 
     def __init__(
@@ -110,13 +99,13 @@ class LRAEncoder(nn.Module):
             ("pad_mask", pad_mask, PAD_MASKS),
             ("mean_pool", mean_pool, MEAN_POOLS),
         ):
-            _check_choice(key, value, choices)
+            if value not in choices:
+                raise ValueError(f"model.{key}={value!r} is not one of {choices}")
         if qkv_dim % num_heads:
             raise ValueError(f"model.qkv_dim={qkv_dim} is not divisible by model.num_heads={num_heads}")
         self.pooling, self.pad_mask, self.mean_pool = pooling, pad_mask, mean_pool
         self.use_cls = pooling == "cls"
-        max_len = seq_len + int(self.use_cls)
-        self.max_len = max_len
+        self.max_len = max_len = seq_len + int(self.use_cls)
         self.embed = nn.Embedding(vocab_size, d_model)
         nn.init.normal_(self.embed.weight, std=1.0)
         self.cls = nn.Parameter(torch.zeros(1, 1, d_model)) if self.use_cls else None
@@ -125,16 +114,11 @@ class LRAEncoder(nn.Module):
         else:
             self.register_buffer("positions", sinusoidal_positions(max_len, d_model)[None], persistent=False)
         self.dropout = nn.Dropout(dropout)
-        head_dim = qkv_dim // num_heads
+        make_attention = partial(
+            attention, num_heads=num_heads, head_dim=qkv_dim // num_heads, max_len=max_len
+        )
         self.blocks = nn.ModuleList(
-            EncoderBlock(
-                d_model,
-                num_heads,
-                qkv_dim,
-                mlp_dim,
-                dropout,
-                attention(num_heads=num_heads, head_dim=head_dim, max_len=max_len),
-            )
+            EncoderBlock(d_model, num_heads, qkv_dim, mlp_dim, dropout, make_attention())
             for _ in range(n_layers)
         )
         self.norm = nn.LayerNorm(d_model)

@@ -22,11 +22,8 @@ class ClassifierHead(nn.Module):
 
 
 class DualEncoderHead(nn.Module):
-    """Retrieval head over two pooled documents u, v (LRA paper, App. A.1.3).
-
-    ``interaction=nli`` classifies ``[u, v, u*v, u-v]`` (the paper); ``concat`` classifies ``[u, v]`` (the
-    released code's default). Then Dense(mlp) -> ReLU -> Dense(mlp/2) -> ReLU -> Dense(classes).
-    """
+    """Retrieval head over two pooled documents u, v (LRA paper, App. A.1.3): ``nli`` classifies
+    ``[u, v, u*v, u-v]`` (the paper), ``concat`` ``[u, v]`` (the released code's default)."""
 
     def __init__(self, d_model: int, mlp_dim: int, num_classes: int, interaction: str = "nli") -> None:
         super().__init__()
@@ -75,7 +72,6 @@ class LRAModel(nn.Module):
         input_ids_2: Tensor | None = None,
         mask_2: Tensor | None = None,
     ) -> Tensor:
-        """Logits ``[B, num_classes]`` from ``input_ids`` ``[B, L]`` (and the second document when dual)."""
         if not self.dual:
             return self.head(self.encoder(input_ids, mask))
         if input_ids_2 is None:

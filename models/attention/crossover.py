@@ -1,9 +1,6 @@
-"""Where TaylorShift's efficient mode overtakes the direct one: the theory and the measured table.
-
-Nauen, Palacio and Dengel (2024, arXiv 2403.02920) derive the FLOP and memory break-evens N0 and N1. The
-measured crossovers, written by ``python -m lra.crossover``, sit in ``crossover.json`` beside this module as
-``{device kind: {dtype: {head dim: N0}}}``.
-"""
+"""Where TaylorShift's efficient mode overtakes the direct one: the break-evens N0, N1 of Nauen, Palacio and
+Dengel (2024, arXiv 2403.02920) and the measured table ``crossover.json`` (``{device kind: {dtype: {head dim:
+N0}}}``, written by ``python -m lra.crossover``)."""
 
 from __future__ import annotations
 
@@ -19,8 +16,7 @@ _crossover_table: dict[str, Any] | None = None  # read once, on first use
 
 
 def measured_n0(device_kind: str, dtype: torch.dtype, head_dim: int) -> int | None:
-    """The direct/efficient crossover measured for ``device_kind`` (``cpu``, ``cuda``), the input dtype and
-    d, from ``crossover.json``; None where the table has no entry."""
+    """The crossover measured for ``device_kind`` (``cpu``, ``cuda``), dtype and d, or None."""
     global _crossover_table
     if _crossover_table is None:
         try:
@@ -34,19 +30,19 @@ def measured_n0(device_kind: str, dtype: torch.dtype, head_dim: int) -> int | No
 
 
 def crossover_n0(head_dim: int) -> int:
-    """FLOP break-even N0 = d² + d + 1 between the direct and efficient modes (arXiv 2403.02920), per head."""
+    """FLOP break-even N0 = d² + d + 1 between the direct and efficient modes, per head."""
     return head_dim * head_dim + head_dim + 1
 
 
 def crossover_n1(head_dim: int) -> int:
-    """Memory break-even N1, the positive root of 2N² = (d+1)²N + d²(d+1), rounded (arXiv 2403.02920)."""
+    """Memory break-even N1, the positive root of 2N² = (d+1)²N + d²(d+1), rounded."""
     d = head_dim
     return round((d * d + 2 * d + 1 + math.sqrt(d**4 + 12 * d**3 + 14 * d**2 + 4 * d + 1)) / 4)
 
 
 def threshold_n0(n0: int | str, device_kind: str, dtype: torch.dtype, head_dim: int) -> int:
-    """The N above which the efficient mode runs: ``n0`` itself when an int, ``theory`` d² + d + 1,
-    ``table`` the measured entry for the device kind, dtype and d (the theory where there is none)."""
+    """The N above which the efficient mode runs: an int ``n0``, the ``theory``, or the ``table`` entry
+    (the theory where there is none)."""
     if not isinstance(n0, str):
         return n0
     measured = measured_n0(device_kind, dtype, head_dim) if n0 == "table" else None

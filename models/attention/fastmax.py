@@ -1,10 +1,8 @@
-"""Fastmax (FAST, Gerami et al., 2024, arXiv 2402.07901): polynomial attention on max-normalised q, k.
+"""Fastmax (Gerami et al. 2024, arXiv 2402.07901): polynomial attention on max-normalised q, k.
 
-Weights are m_j f(x_ij)/Σ_j m_j f(x_ij) with f(x) = a0 + a1·x + a2·x² (order 2) or a0 + a1·x (order 1),
-x_ij = q̃_i·k̃_j/T. With ``maxnorm`` q̃ = lim·q/max_i‖q_i‖ over the real tokens of each (batch, head), so
-|x| ≤ lim²/T. The sums factorise exactly as TaylorShift's, through the polynomial kernel with the
-augmented V' = [1, V]/N_v whose pad rows are zero. The options are ``FastmaxOptions``
-(``models.attention.options``).
+Weights are m_j f(x_ij)/Σ_j m_j f(x_ij), f(x) = a0 + a1·x (+ a2·x² for order 2), x_ij = q̃_i·k̃_j/T; with
+``maxnorm`` q̃ = lim·q/max_i‖q_i‖ over real tokens, so |x| ≤ lim²/T. The sums factorise through the
+polynomial kernel with V' = [1, V]/N_v, zero at pads.
 """
 
 from __future__ import annotations
@@ -32,8 +30,8 @@ _NORM_EPS = 1e-12
 
 
 def _max_norms(x: Tensor, mask: Tensor | None, normalize: str) -> Tensor:
-    """max_i ‖x_i‖ over real tokens (``maxnorm``) or over real tokens ≤ i (``running_maxnorm``, which cannot
-    see the future): ``[B, H, 1 | N]``, at least eps."""
+    """max_i ‖x_i‖ over real tokens (``maxnorm``, ``[B, H, 1]``) or real tokens ≤ i (``running_maxnorm``,
+    ``[B, H, N]``), at least eps."""
     norms = x.norm(dim=-1)  # [B, H, N]
     if mask is not None:
         norms = torch.where(mask[:, None, :], norms, norms.new_zeros(()))
@@ -42,13 +40,13 @@ def _max_norms(x: Tensor, mask: Tensor | None, normalize: str) -> Tensor:
 
 
 def _normalize_qk(q: Tensor, k: Tensor, mask: Tensor | None, opts: FastmaxOptions) -> tuple[Tensor, Tensor]:
-    """q̃, k̃ ``[B, H, N, d]`` with T left out. Statistics run over the real tokens of each (batch, head)."""
+    """q̃, k̃ ``[B, H, N, d]`` without T."""
 
     def one(x: Tensor) -> Tensor:
         if opts.center:
             x = x - x.mean(dim=-1, keepdim=True)
         if opts.normalize in ("none", "scaled"):
-            # x = q·k/(8√d) for "scaled"; the factor is split evenly between q and k.
+            # "scaled": x = q·k/(8√d), the factor split evenly between q and k.
             return x if opts.normalize == "none" else x / math.sqrt(8 * math.sqrt(x.shape[-1]))
         largest = _max_norms(x, mask, opts.normalize)
         if opts.detach_norm:
@@ -66,18 +64,18 @@ def _fastmax(
     torch_only = "feature dropout on q⊗q, k⊗k" if quadratic_dropout else None
     impl = select_impl(opts.impl, q, opts.causal, torch_only)
     acc = accumulation_dtype(q.dtype)
-    # Under autocast the state matmuls would fall back to bf16/fp16; they must stay in fp32.
+    # Under autocast the state matmuls would fall back to bf16/fp16.
     with torch.autocast(q.device.type, enabled=False):
         q_norm, k_norm = _normalize_qk(q.to(acc), k.to(acc), mask, opts)
         n_real = count_real(mask, q.shape[0], q.shape[2], q.device, acc)
-        features: QuadFeatures | None = None  # q⊗q, k⊗k with dropout applied
+        features: QuadFeatures | None = None
         if opts.dropout_mode == "feature" and dropout > 0 and opts.order == 1:
             q_norm, k_norm = F.dropout(q_norm, p=dropout), F.dropout(k_norm, p=dropout)
         elif quadratic_dropout:
             # Numerator and denominator read the same dropped features, so rows still sum to 1.
             q_quad, k_quad = (F.dropout(quadratic_features(x), p=dropout) for x in (q_norm, k_norm))
             features = (q_quad, k_quad)
-        # V' = [1, V]/N_v: 1/N_v keeps the sums O(1) in low precision and cancels in the ratio.
+        # 1/N_v keeps the sums O(1) in low precision and cancels in the ratio.
         augmentation = Augmentation(torch.ones_like(n_real), n_real, mask)
         out = normalized_poly_attention(
             impl, q_norm, k_norm, v.to(acc), augmentation, opts.coefficients, opts.causal, q.dtype, features
@@ -88,6 +86,7 @@ def _fastmax(
 
 
 def _reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, opts: FastmaxOptions) -> Tensor:
+    """A_ij = m_j f(x_ij)/Σ_j m_j f(x_ij) as an explicit N×N matrix, Y = A·V (no dropout)."""
     acc = accumulation_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(acc), k.to(acc), v.to(acc)
@@ -104,17 +103,8 @@ def _reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, opts: Fastm
 
 
 def fastmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, **options: Any) -> Tensor:
-    """Fastmax attention in O(N·d^(p+1)) per head.
-
-    Args:
-        q, k, v: ``[B, H, N, d]``.
-        mask: ``[B, N]`` bool, True at real tokens; padded keys contribute nothing.
-        **options: the fields of ``FastmaxOptions``. Dropout acts whenever ``dropout > 0``: the caller
-            passes 0 in eval.
-
-    Returns:
-        ``[B, H, N, d]`` in the input dtype.
-    """
+    """Fastmax in O(N·d^(p+1)) per head; ``options`` are ``FastmaxOptions`` fields (dropout acts whenever
+    it is > 0)."""
     opts = FastmaxOptions(**options)
     return _fastmax(q, k, v, mask, opts, opts.dropout)[0]
 
@@ -122,24 +112,15 @@ def fastmax_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = Non
 def fastmax_attention_ref(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, **options: Any
 ) -> Tensor:
-    """The definition with an explicit N×N matrix: A_ij = m_j f(x_ij)/Σ_j m_j f(x_ij), Y = A·V.
-
-    Args: as ``fastmax_attention`` (dropout and impl are not used). Computed in fp32 (fp64 for fp64 inputs).
-    """
     return _reference(q, k, v, mask, FastmaxOptions(**options))
 
 
 class FastmaxAttention(PolynomialAttention):
-    """Fastmax (Gerami et al., 2024, arXiv 2402.07901): factorizable polynomial attention, O(N·d^(p+1)).
-
-    Args:
-        **options: the fields of ``FastmaxOptions``.
-    """
+    """Fastmax (Gerami et al. 2024); ``**options`` are the fields of ``FastmaxOptions``."""
 
     options_class = FastmaxOptions
     options: FastmaxOptions
-    # The option checks keep f >= 0, so the weights form a convex combination (output noise acts in training).
-    is_convex = True
+    is_convex = True  # the option checks keep f >= 0
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         out, self.impl_used = _fastmax(q, k, v, mask, self.options, self.dropout_now())
@@ -149,7 +130,6 @@ class FastmaxAttention(PolynomialAttention):
         return _reference(q, k, v, mask, self.options)
 
     def flops(self, batch: int, heads: int, seq_len: int, head_dim: int) -> float:
-        """Matmul-only forward FLOPs, non-causal: 4N·d·(d+1)² per head for order 2 and 4N·d·(d+1) for
-        order 1."""
+        """Non-causal: 4N·d·(d+1)² per head for order 2, 4N·d·(d+1) for order 1."""
         features = head_dim * (head_dim + 1) if self.options.order == 2 else head_dim
         return 4.0 * batch * heads * seq_len * features * (head_dim + 1)

@@ -10,17 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention.base import Attention, require, require_choice
+from models.attention.base import Attention, require, require_choice, zero_pads
 
 SHARE_MODES = ("headwise", "kv")
-
-
-def _zero_pads(k: Tensor, v: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """Zero padded key/value rows: the projection mixes every position into every projected row."""
-    if mask is None:
-        return k, v
-    real = mask[:, None, :, None]
-    return torch.where(real, k, k.new_zeros(())), torch.where(real, v, v.new_zeros(()))
 
 
 def _check_length(seq_len: int, e_proj: Tensor) -> None:
@@ -40,23 +32,15 @@ def linformer_attention(
     mask: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
-    """softmax(Q (E·K)ᵀ/√d)(F·V) in O(N·k·d); the second stage is SDPA with no mask.
+    """softmax(Q (E·K)ᵀ/√d)(F·V) in O(N·k·d) with E, F ``[k, N_max]`` shared by the heads.
 
-    Inputs shorter than N_max stand for inputs right-padded with zero rows, which add nothing to E·K, so
-    only the first N columns of E and F are used.
-
-    Args:
-        q, k, v: ``[B, H, N, D]`` with N ≤ N_max.
-        e_proj, f_proj: E and F, ``[k, N_max]``, shared by all heads.
-        mask: ``[B, N]`` bool, True at real keys; padded keys are zeroed before the projection.
-        dropout_p: dropout on the ``[N, k]`` attention weights (the caller passes 0 in eval).
-
-    Returns:
-        ``[B, H, N, D]``.
+    An input shorter than N_max stands for one right-padded with zero rows, which add nothing to E·K, so only
+    the first N columns of E and F are used.
     """
     seq_len = q.shape[2]
     _check_length(seq_len, e_proj)
-    k, v = _zero_pads(k, v, mask)
+    if mask is not None:  # the projection mixes every position into every projected row
+        k, v = zero_pads((k, v), mask)
     keys = e_proj[:, :seq_len].to(k.dtype) @ k  # [B, H, k, D]
     values = f_proj[:, :seq_len].to(v.dtype) @ v  # [B, H, k, D]
     return F.scaled_dot_product_attention(q, keys, values, dropout_p=dropout_p)
@@ -68,7 +52,8 @@ def linformer_attention_ref(
     """Explicit right-padding to N_max, explicit E·K and F·V, then softmax with an explicit [N, k] matrix."""
     seq_len, max_len = q.shape[2], e_proj.shape[1]
     _check_length(seq_len, e_proj)
-    k, v = _zero_pads(k, v, mask)
+    if mask is not None:  # the projection mixes every position into every projected row
+        k, v = zero_pads((k, v), mask)
     padding = (0, 0, 0, max_len - seq_len)
     keys = torch.einsum("kn,bhnd->bhkd", e_proj.to(k.dtype), F.pad(k, padding))
     values = torch.einsum("kn,bhnd->bhkd", f_proj.to(v.dtype), F.pad(v, padding))
@@ -79,12 +64,9 @@ def linformer_attention_ref(
 class LinformerAttention(Attention):
     """Low-rank attention with learned sequence projections (Wang et al., "Linformer", 2020).
 
-    Args:
-        proj_len: k, the projected length; 1 ≤ k ≤ max_len.
-        share: ``headwise`` (one E and one F per layer, shared by the heads) or ``kv`` (E = F). The paper's
-            ``layerwise`` sharing (one pair for all layers) is not implemented: it needs state shared
-            between layers, which the per-layer attention factory cannot express.
-        dropout: dropout on the attention weights, active only in training.
+    ``proj_len`` k ≤ max_len. ``share``: ``headwise`` (one E and one F per layer) or ``kv`` (E = F); the
+    paper's ``layerwise`` sharing needs state shared between layers, which the per-layer factory cannot
+    express. ``dropout`` acts on the weights in training.
     """
 
     supports_causal = False
@@ -119,7 +101,6 @@ class LinformerAttention(Attention):
 
     @property
     def value_proj(self) -> Tensor:
-        """F (E itself under ``share='kv'``)."""
         return self.e_proj if self.f_proj is None else self.f_proj
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:

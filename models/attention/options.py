@@ -1,8 +1,5 @@
-"""The options of the polynomial attentions: what TaylorShift and Fastmax compute, validated once.
-
-Each method builds its options object once (per module, or per call of its functional form) and hands it to
-its fast path, its reference and its module; nothing downstream re-checks or re-spells a field.
-"""
+"""The options of TaylorShift and Fastmax, validated once and passed to the fast path, the reference and the
+module."""
 
 from __future__ import annotations
 
@@ -23,28 +20,23 @@ DROPOUT_MODES = ("none", "feature", "output_noise")
 
 @dataclass(frozen=True)
 class TaylorShiftOptions:
-    """What TaylorShift (Nauen, Palacio, Dengel 2024, arXiv 2403.02920) computes.
+    """TaylorShift (Nauen, Palacio, Dengel 2024, arXiv 2403.02920).
 
     Attributes:
         mode: ``direct | efficient | auto``; ``auto`` runs efficient iff N > n0.
-        n0: ``"table"`` (the crossover measured for the device kind, dtype and d in
-            ``crossover.json``, by ``python -m lra.crossover``; the theory where it has no entry),
-            ``"theory"`` (d² + d + 1, the FLOP break-even) or an int.
-        a, b, c: kernel f(x) = c + b·x + a·x²; a > 0 and c ≥ b²/(4a) keep it positive.
-        output_norm: multiply outputs by √(N_v/d), N_v = real keys (per query when causal). Every model of
-            the paper uses it; the official module defaults it off.
+        n0: ``table`` (crossover.json's entry for the device kind, dtype and d, else the theory), ``theory``
+            (d² + d + 1, the FLOP break-even) or an int.
+        a, b, c: f(x) = c + b·x + a·x²; a > 0 and c ≥ b²/(4a) keep it positive.
+        output_norm: multiply outputs by √(N_v/d), N_v = real keys (per query when causal), as every model
+            of the paper does; the official module defaults it off.
         normalize_input: L2-normalised q, k times τ, d^(1/4) balancing and 1/N_v value scaling (the paper's
-            section 3.3). ``False`` switches all of it off like the official ``normalize_input=False``
-            (logits q·k/√d, τ unused), for the normalisation ablation.
-        causal: attend to keys j ≤ i only.
-        dropout: attention dropout (training only). Direct drops entries of the normalised N×N matrix,
-            efficient drops entries of S2 = (K⊠K)ᵀV', as the official modes do: two different models.
-        impl: ``auto | torch | triton``, the polynomial kernel of the efficient mode; the direct mode is plain
-            PyTorch matmuls whatever ``impl`` says (and reports ``impl_used='torch'``).
-        tau_init: the module's initial per-head temperature τ (learned, unconstrained); the functions take τ.
-        mask_padding: ``False`` makes the module reproduce the official code, which has no mask: pads enter
-            attention as ordinary tokens and N is the padded length; only their output rows are still zeroed.
-            The functions use the mask they are given.
+            section 3.3); ``False`` switches all of it off like the official flag (logits q·k/√d, no τ).
+        dropout: direct drops entries of the normalised N×N matrix, efficient entries of S2 = (K⊠K)ᵀV', as
+            the official modes do: two different models.
+        impl: ``auto | torch | triton``, the kernel of the efficient mode (direct is plain matmuls).
+        tau_init: the module's initial per-head temperature τ (learned).
+        mask_padding: ``False`` reproduces the official code, which has no mask: pads are ordinary tokens
+            and N is the padded length; only their output rows are zeroed.
     """
 
     mode: str = "auto"
@@ -83,7 +75,6 @@ class TaylorShiftOptions:
 
     @property
     def coefficients(self) -> Coefficients:
-        """(a, b, c) of f(x) = c + b·x + a·x²."""
         return self.a, self.b, self.c
 
     def mode_at(
@@ -94,9 +85,7 @@ class TaylorShiftOptions:
         device_kind: str = "cpu",
         dtype: torch.dtype = torch.float32,
     ) -> str:
-        """``direct`` or ``efficient``. ``auto`` runs efficient iff N > n0 (``theory``: d² + d + 1;
-        ``table``: the measured table's entry for the device kind, dtype and d, else the theory), except under
-        causal dropout, which the efficient mode does not have."""
+        """``direct`` or ``efficient``: ``auto`` runs efficient iff N > n0, except under causal dropout."""
         if self.mode != "auto":
             return self.mode
         threshold = threshold_n0(self.n0, device_kind, dtype, head_dim)
@@ -109,24 +98,19 @@ class TaylorShiftOptions:
 
 @dataclass(frozen=True)
 class FastmaxOptions:
-    """What Fastmax (Gerami et al. 2024, arXiv 2402.07901) computes.
+    """Fastmax (Gerami et al. 2024, arXiv 2402.07901).
 
     Attributes:
-        order: 1 or 2, the degree p of f(x) = Σ_{ℓ≤p} a_ℓ xˡ.
-        a0, a1, a2: coefficients (defaults 1, 1, 1/2: the Taylor polynomial of exp; a2 unused for order 1).
+        order: the degree p of f(x) = Σ_{ℓ≤p} a_ℓ xˡ, 1 or 2 (a0, a1, a2 default to exp's Taylor terms).
         normalize: ``maxnorm`` (q̃ = lim·q/max_i‖q_i‖ over real tokens), ``running_maxnorm`` (the max over
-            tokens ≤ i, which causal attention needs), ``scaled`` (x = q·k/(8√d)) or ``none``.
+            tokens ≤ i, for causal attention), ``scaled`` (x = q·k/(8√d)) or ``none``.
         lim: largest normalised token norm; order 1 requires lim ≤ 1.
-        center: subtract each token's mean over its features before normalising.
+        center: subtract each token's mean over its features first.
         temperature: T; x = q̃·k̃/T.
-        causal: attend to keys j ≤ i only.
-        allow_global_norm_causal: accept ``maxnorm`` with ``causal``, whose sequence-global max leaks the
-            future; without it that combination raises (use ``running_maxnorm``).
-        detach_norm: stop gradients through the max-norm statistic (the official CUDA backward treats the
-            normalised q, k as leaves); the default differentiates through it.
-        dropout_mode: ``none``, ``feature`` (dropout on q⊗q, k⊗k for order 2, on q, k for order 1) or
-            ``output_noise`` (o·(1 + r·ξ), ξ ~ N(0, 1)), the official variants; training only.
-        dropout: the rate r of ``dropout_mode``.
+        allow_global_norm_causal: accept ``maxnorm`` with ``causal``, whose global max leaks the future.
+        detach_norm: stop gradients through the max-norm (the official CUDA backward treats q̃, k̃ as leaves).
+        dropout_mode: ``none``, ``feature`` (on q⊗q, k⊗k for order 2, on q, k for order 1) or
+            ``output_noise`` (o·(1 + r·ξ), ξ ~ N(0, 1)), the official variants, at rate ``dropout``.
         impl: ``auto | torch | triton`` for the polynomial kernel.
     """
 
@@ -189,11 +173,11 @@ class FastmaxOptions:
 
     @property
     def logit_coefficients(self) -> Coefficients:
-        """(a2, a1, a0) of f(x) = a0 + a1·x + a2·x² on the logits x = q̃·k̃/T (a2 = 0 for order 1)."""
+        """(a2, a1, a0) of f on the logits x = q̃·k̃/T (a2 = 0 for order 1)."""
         return (self.a2 if self.order == 2 else 0.0), self.a1, self.a0
 
     @property
     def coefficients(self) -> Coefficients:
-        """(a, b, c) of the kernel c + b·s + a·s² on s = q̃·k̃, with T folded in."""
+        """(a, b, c) of the kernel on s = q̃·k̃, with T folded in."""
         a2, a1, a0 = self.logit_coefficients
         return a2 / self.temperature**2, a1 / self.temperature, a0

@@ -12,23 +12,15 @@ from torch import Tensor
 
 from models.attention.base import Attention, accumulation_dtype, require
 
-# Keys per step of the causal prefix sum; each step materialises a [chunk, chunk] score block.
-CAUSAL_CHUNK = 64
-
 
 @dataclass(frozen=True)
 class FavorOptions:
-    """How the FAVOR+ estimator runs: validated once, shared by the fast path, the reference and the module.
-
-    Attributes:
-        causal: query i sees keys j ≤ i (prefix sums, ``chunk_size`` keys per step).
-        eps: added to every feature after the exp (before the 1/√m, so its weight does not depend on m).
-        chunk_size: keys per step of the causal prefix sum.
-    """
+    """The FAVOR+ estimator's options. ``eps`` is added to every feature after the exp (before the 1/√m, so
+    its weight does not depend on m); ``chunk_size`` keys per step of the causal prefix sum."""
 
     causal: bool = False
     eps: float = 1e-4
-    chunk_size: int = CAUSAL_CHUNK
+    chunk_size: int = 64
 
     def __post_init__(self) -> None:
         require(self.eps > 0, f"performer: eps must be > 0 to keep the normaliser positive, got {self.eps}")
@@ -36,17 +28,8 @@ class FavorOptions:
 
 
 def orthogonal_random_features(num_features: int, head_dim: int, generator: torch.Generator) -> Tensor:
-    """Draw the FAVOR+ projection: stacked orthogonal blocks with Gaussian-distributed row norms.
-
-    Args:
-        num_features: m, the number of random features (rows).
-        head_dim: d, the size of each head (columns).
-        generator: a CPU generator; the draw depends on nothing else.
-
-    Returns:
-        W: ``[m, d]`` float64 on CPU. Rows within each block of d are orthogonal; each row has the norm of a
-        fresh standard Gaussian d-vector, so every row is marginally N(0, I_d).
-    """
+    """The FAVOR+ projection W ``[m, d]`` (float64, CPU) from ``generator`` alone: rows orthogonal within
+    each block of d, each with the norm of a fresh Gaussian d-vector, so every row is marginally N(0, I_d)."""
     blocks = []
     for _ in range(math.ceil(num_features / head_dim)):
         gaussian = torch.randn(head_dim, head_dim, generator=generator, dtype=torch.float64)
@@ -60,7 +43,7 @@ def orthogonal_random_features(num_features: int, head_dim: int, generator: torc
 
 
 def _scaled_logits(x: Tensor, projection: Tensor) -> tuple[Tensor, Tensor]:
-    """Wx and ‖x‖²/2 for x scaled by d^{-1/4}, so that φ(q)·φ(k) estimates exp(q·k/√d)."""
+    """Wx and ‖x‖²/2 for x scaled by d^(-1/4), so that φ(q)·φ(k) estimates exp(q·k/√d)."""
     x = x * x.shape[-1] ** -0.25
     return x @ projection.T, 0.5 * x.pow(2).sum(-1, keepdim=True)  # [B, H, N, m], [B, H, N, 1]
 
@@ -72,31 +55,14 @@ def _query_features(q: Tensor, projection: Tensor, eps: float) -> Tensor:
     return (torch.exp(logits - half_sq_norm - row_max) + eps) / math.sqrt(projection.shape[0])
 
 
-def _real_key_row_max(key_logits: Tensor, mask: Tensor | None) -> Tensor:
-    """max_f (W k_j)_f per key, -inf at pads so that pads never set the stabiliser: ``[B, H, N]``."""
-    row_max = key_logits.amax(dim=-1)
-    if mask is None:
-        return row_max
-    return row_max.masked_fill(~mask[:, None, :], float("-inf"))
-
-
 def performer_attention(
     q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None = None, **options: Any
 ) -> Tensor:
-    """FAVOR+ attention φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1), linear in N.
+    """FAVOR+ attention φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1), linear in N, with W = ``projection`` ``[m, D]``.
 
-    φ(x) = (exp(Wx − ‖x‖²/2 − max) + eps)/√m with x = input/d^{1/4}. The query max is taken per query row;
-    the key max over the real keys each query sees (all of them, or j ≤ i when causal), per (batch, head).
-    Padded keys get φ(k) = 0 and v = 0. States accumulate in fp32 (fp64 for fp64 inputs).
-
-    Args:
-        q, k, v: ``[B, H, N, D]``.
-        projection: W, ``[m, D]``, shared by all heads.
-        mask: ``[B, N]`` bool, True at real keys; ``None`` means no padding.
-        **options: the fields of ``FavorOptions`` (causal, eps, chunk_size).
-
-    Returns:
-        ``[B, H, N, D]`` in the dtype of q.
+    φ(x) = (exp(Wx − ‖x‖²/2 − max) + eps)/√m with x = input/d^{1/4}; the query max is per query row, the
+    key max over the real keys each query sees, per (batch, head). Padded keys get φ(k) = 0 and v = 0.
+    ``options`` are the fields of ``FavorOptions``; returns q's dtype.
     """
     return _favor(q, k, v, projection, mask, FavorOptions(**options))
 
@@ -104,39 +70,33 @@ def performer_attention(
 def _favor(
     q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None, opts: FavorOptions
 ) -> Tensor:
-    out_dtype = q.dtype
-    acc = accumulation_dtype(q.dtype)
-    # Under autocast the feature matmuls would drop back to bf16/fp16; the states must stay in `acc`.
+    out_dtype, acc, eps = q.dtype, accumulation_dtype(q.dtype), opts.eps
+    # Under autocast the feature matmuls would drop back to bf16/fp16.
     with torch.autocast(q.device.type, enabled=False):
         q, k, v, projection = (t.to(acc) for t in (q, k, v, projection))
-        out = _favor_in_accumulation_dtype(q, k, v, projection, mask, opts)
+        query_features = _query_features(q, projection, eps)  # [B, H, N, m]
+        key_logits, key_half_sq_norm = _scaled_logits(k, projection)
+        row_max = key_logits.amax(dim=-1)  # max_f (W k_j)_f, [B, H, N]
+        real = None if mask is None else mask[:, None, :, None]  # [B, 1, N, 1]
+        if mask is not None:
+            row_max = row_max.masked_fill(~mask[:, None, :], float("-inf"))  # pads never set the stabiliser
+            v = torch.where(real, v, v.new_zeros(()))
+        if opts.causal:
+            key_exponent = key_logits - key_half_sq_norm
+            out = _causal_favor(query_features, key_exponent, row_max, v, real, eps, opts.chunk_size)
+        else:
+            key_max = row_max.amax(dim=-1)[..., None, None]  # [B, H, 1, 1]
+            exponent = key_logits - key_half_sq_norm - key_max
+            # Masking the exponent (not the exp) keeps a pad's exp(-max) from overflowing into a NaN gradient.
+            if real is not None:
+                exponent = exponent.masked_fill(~real, float("-inf"))
+            key_features = (torch.exp(exponent) + eps) * (1.0 / math.sqrt(projection.shape[0]))
+            if real is not None:
+                key_features = key_features.masked_fill(~real, 0.0)
+            kv_state = key_features.transpose(-1, -2) @ v  # [B, H, m, D]
+            normaliser = key_features.sum(dim=-2)[..., None]  # [B, H, m, 1]
+            out = (query_features @ kv_state) / (query_features @ normaliser)
     return out.to(out_dtype)
-
-
-def _favor_in_accumulation_dtype(
-    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None, opts: FavorOptions
-) -> Tensor:
-    causal, eps, chunk_size = opts.causal, opts.eps, opts.chunk_size
-    inv_sqrt_m = 1.0 / math.sqrt(projection.shape[0])
-    query_features = _query_features(q, projection, eps)  # [B, H, N, m]
-    key_logits, key_half_sq_norm = _scaled_logits(k, projection)
-    row_max = _real_key_row_max(key_logits, mask)  # [B, H, N]
-    real = None if mask is None else mask[:, None, :, None]  # [B, 1, N, 1]
-    if real is not None:
-        v = torch.where(real, v, v.new_zeros(()))
-    if causal:
-        return _causal_favor(query_features, key_logits - key_half_sq_norm, row_max, v, real, eps, chunk_size)
-    key_max = row_max.amax(dim=-1)[..., None, None]  # [B, H, 1, 1]
-    exponent = key_logits - key_half_sq_norm - key_max
-    # Masking the exponent (not the exp) keeps a pad's exp(-max) from overflowing into a NaN gradient.
-    if real is not None:
-        exponent = exponent.masked_fill(~real, float("-inf"))
-    key_features = (torch.exp(exponent) + eps) * inv_sqrt_m
-    if real is not None:
-        key_features = key_features.masked_fill(~real, 0.0)
-    kv_state = key_features.transpose(-1, -2) @ v  # [B, H, m, D]
-    normaliser = key_features.sum(dim=-2)[..., None]  # [B, H, m, 1]
-    return (query_features @ kv_state) / (query_features @ normaliser)
 
 
 def _causal_favor(
@@ -153,14 +113,8 @@ def _causal_favor(
     A sequence-global key max would leak the future (through eps it does not cancel). Query i instead uses
     M_i = max_{j ≤ i} row_max_j, so φ_i(k_j) = (e_j·exp(M_j − M_i) + eps)/√m with e_j = exp(k̃_j − M_j). The
     state is kept at the scale of the last key seen and rescaled by exp(M_old − M_new) ≤ 1, as in online
-    softmax; every exponent is ≤ 0, so nothing overflows.
-
-    Args:
-        query_features: φ(q), ``[B, H, N, m]``.
-        key_exponent: Wk − ‖k‖²/2 (scaled k), ``[B, H, N, m]``.
-        row_max: max_f (Wk_j)_f per key, -inf at pads, ``[B, H, N]``.
-        v: ``[B, H, N, D]``, zero at pads.
-        real: ``[B, 1, N, 1]`` bool or ``None``.
+    softmax; every exponent is ≤ 0, so nothing overflows. ``key_exponent`` is Wk − ‖k‖²/2, ``row_max`` is
+    -inf at pads, ``v`` is zero at pads.
     """
     batch, heads, seq_len, num_features = query_features.shape
     running_max = row_max.cummax(dim=-1).values
@@ -218,76 +172,54 @@ def _causal_favor(
 def performer_attention_ref(
     q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None = None, **options: Any
 ) -> Tensor:
-    """The same estimator with an explicit N×N matrix φ(Q)φ(K)ᵀ, normalised per row; arguments as
-    ``performer_attention`` (``chunk_size`` is not used)."""
+    """The same estimator with an explicit N×N matrix φ(Q)φ(K)ᵀ, normalised per row."""
     return _reference(q, k, v, projection, mask, FavorOptions(**options))
 
 
 def _reference(
     q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None, opts: FavorOptions
 ) -> Tensor:
-    acc = accumulation_dtype(q.dtype)
-    weights = _explicit_weights(q.to(acc), k.to(acc), projection.to(acc), mask, opts.causal, opts.eps)
-    return (weights @ v.to(acc)).to(q.dtype)
-
-
-def _explicit_weights(
-    q: Tensor, k: Tensor, projection: Tensor, mask: Tensor | None, causal: bool, eps: float
-) -> Tensor:
-    """φ(q_i)·φ_i(k_j) normalised per row, ``[B, H, N, N]``, in O(N² + N·m) memory.
+    """φ(q_i)·φ_i(k_j) normalised per row as an explicit ``[B, H, N, N]`` matrix, times V.
 
     The key stabiliser M_i is the max over the keys query i sees, so key features depend on the query; built
     per (query, key) pair they would take ``[B, H, N, N, m]``. Instead exp(l_jf − h_j − M_i) is split as
     exp(l_jf − h_j − r_j)·exp(r_j − M_i) with r_j = max_f l_jf ≤ M_i, so both factors stay ≤ 1 in size.
     """
-    query_features = _query_features(q, projection, eps)  # [B, H, N, m]
+    out_dtype, acc = q.dtype, accumulation_dtype(q.dtype)
+    q, k, projection = q.to(acc), k.to(acc), projection.to(acc)
+    query_features = _query_features(q, projection, opts.eps)  # [B, H, N, m]
     key_logits, key_half_sq_norm = _scaled_logits(k, projection)  # [B, H, N, m], [B, H, N, 1]
     row_max = key_logits.amax(dim=-1)  # r_j, [B, H, N]
-    visible = _visible(q.shape, mask, causal, q.device)  # [B, 1, N, N]
+    batch, _, seq_len, _ = q.shape
+    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device)
+    if opts.causal:
+        visible = visible.tril()
+    visible = visible.expand(batch, 1, seq_len, seq_len)
+    if mask is not None:
+        visible = visible & mask[:, None, None, :]  # [B, 1, N, N]
     # M_i = max over the keys query i sees of r_j: [B, H, N, 1].
     stabiliser = row_max[:, :, None, :].masked_fill(~visible, float("-inf")).amax(dim=-1, keepdim=True)
     key_part = torch.exp(key_logits - key_half_sq_norm - row_max[..., None])  # [B, H, N, m]
     scale = torch.exp((row_max[:, :, None, :] - stabiliser).masked_fill(~visible, float("-inf")))
     exp_scores = (query_features @ key_part.transpose(-1, -2)) * scale  # [B, H, N, N]
-    eps_scores = eps * query_features.sum(dim=-1, keepdim=True)  # [B, H, N, 1]
+    eps_scores = opts.eps * query_features.sum(dim=-1, keepdim=True)  # [B, H, N, 1]
     scores = torch.where(visible, exp_scores + eps_scores, exp_scores.new_zeros(()))
     scores = scores / math.sqrt(projection.shape[0])
     row_sum = scores.sum(dim=-1, keepdim=True)
-    return scores / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
-
-
-def _visible(shape: torch.Size, mask: Tensor | None, causal: bool, device: torch.device) -> Tensor:
-    """``[B, 1, N, N]`` bool: key j is real and, when causal, j ≤ i."""
-    batch, _, seq_len, _ = shape
-    visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device)
-    if causal:
-        visible = visible.tril()
-    visible = visible.expand(batch, 1, seq_len, seq_len)
-    return visible if mask is None else visible & mask[:, None, None, :]
-
-
-def _redraw_seed(seed: int, redraw_index: int) -> int:
-    """A distinct seed per redraw, so a checkpoint needs only (seed, redraw count) to continue exactly."""
-    return (seed * 1_000_003 + redraw_index) % 2**63
+    weights = scores / torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    return (weights @ v.to(acc)).to(out_dtype)
 
 
 class PerformerAttention(Attention):
     """FAVOR+ random-feature attention (Choromanski et al., "Rethinking Attention with Performers", 2021).
 
-    W is a buffer (checkpointed) shared by the heads of this layer. It is redrawn every ``redraw_interval``
-    training calls, never in eval. Draw number r uses a CPU generator seeded by (``seed``, r), so the
-    features follow from the seed and the redraw count alone (both kept in the checkpoint).
-
-    Args:
-        num_features: m; ``None`` means ⌊d ln d⌋ (110 / 266 / 621 for d = 32 / 64 / 128).
-        redraw_interval: training calls between redraws; ``None`` or 0 never redraws.
-        eps: added to every feature after the exp.
-        seed: ``None`` draws the seed from torch's global RNG at construction, like any initial weight: it is
-            fixed by the run seed and differs per layer (each layer is built at a different RNG state). An
-            integer gives every layer built from the same config the same features.
+    W is a checkpointed buffer shared by the layer's heads, redrawn every ``redraw_interval`` training calls
+    (``None`` or 0: never), never in eval. Draw r is seeded by (``seed``, r), so the seed and the redraw
+    count (both checkpointed) determine it. ``num_features`` m defaults to ⌊d ln d⌋. ``seed=None`` draws the
+    seed from torch's global RNG, like an initial weight (different per layer); an integer gives every layer
+    the same features.
     """
 
-    supports_causal = True
     is_approximation = True
     is_convex = True
 
@@ -320,13 +252,13 @@ class PerformerAttention(Attention):
         self.register_buffer("projection", self._draw(0).to(torch.float32))
 
     def _draw(self, redraw_index: int) -> Tensor:
-        generator = torch.Generator().manual_seed(_redraw_seed(self.seed, redraw_index))
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + redraw_index) % 2**63)
         return orthogonal_random_features(self.num_features, self.head_dim, generator)
 
     @torch.no_grad()
     def redraw_features(self) -> None:
-        """Draw the next W. Assigned, not copied in place: a graph from an earlier forward that has not run
-        backward yet (e.g. the two encoder passes of retrieval) still holds the old W."""
+        """Draw the next W. Assigned, not copied in place: a graph that has not run backward yet (the two
+        encoder passes of retrieval) still holds the old W."""
         self.redraws += 1
         self.calls_since_redraw = 0
         self.projection = self._draw(self.redraws).to(self.projection)

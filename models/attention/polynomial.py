@@ -1,13 +1,9 @@
 """Polynomial-kernel attention, shared by TaylorShift (arXiv 2403.02920) and Fastmax (arXiv 2402.07901).
 
-    out_i = Σ_j f(q_i·k_j) v_j,   f(x) = c + b·x + a·x²,
-
-unnormalised, over all j or over j ≤ i (causal). Because f(q·k) = φ(q)·φ(k) with
-φ(x) = [√c, √b·x, √a·vec(x xᵀ)], the sum factorises into states Σ_j v_j, Σ_j k_j v_jᵀ and
-Σ_j (k_j⊗k_j) v_jᵀ, so the cost is O(N·d²·e) and no N×N matrix is ever built. ``normalized_poly_attention``
-appends the denominator column to v (``augmented_values``), so one kernel call yields numerator and
-denominator. The blocking of the CPU path and the fused Triton kernel (``models.attention.kernels``) are
-described in ``docs/kernels.md``.
+out_i = Σ_j f(q_i·k_j) v_j with f(x) = c + b·x + a·x², over all j or j ≤ i (causal), factorises through the
+states Σ_j v_j, Σ_j k_j v_jᵀ and Σ_j (k_j⊗k_j) v_jᵀ in O(N·d²·e), never building an N×N matrix.
+``normalized_poly_attention`` appends the denominator column to v, so one kernel call yields numerator and
+denominator. The implementations are described in ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -21,7 +17,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from models.attention.base import Attention, accumulation_dtype
-from models.attention.kernels import run_triton_poly_kernel
+from models.attention.kernels import triton_module
 from models.attention.kernels.poly_torch import Coefficients, fold_heads, poly_backward, poly_forward
 
 # Σ v, Σ k vᵀ (None when b = 0), Σ (k⊗k) vᵀ (None when a = 0).
@@ -31,11 +27,8 @@ QuadFeatures = tuple[Tensor, Tensor]
 
 
 class Augmentation(NamedTuple):
-    """How V' = [first, V]/divisor is built from V, with zero rows where ``mask`` is False (no gradient).
-
-    first: ``[B, 1, 1, 1]`` column that becomes the denominator; divisor: ``[B, 1, 1, 1]`` or None;
-    mask: ``[B, N]`` bool or None.
-    """
+    """V' = [first, V]/divisor with zero rows where ``mask`` ``[B, N]`` is False; ``first`` (the denominator
+    column) and ``divisor`` are ``[B, 1, 1, 1]``, ``divisor`` and ``mask`` may be None."""
 
     first: Tensor
     divisor: Tensor | None
@@ -45,25 +38,13 @@ class Augmentation(NamedTuple):
 def poly_kernel_attention(
     q: Tensor, k: Tensor, v: Tensor, a: float, b: float, c: float, causal: bool = False
 ) -> Tensor:
-    """Factorised Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) v_j in O(N·d²·e), never forming an N×N matrix.
+    """Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) v_j for q, k ``[B, H, N, d]``, v ``[B, H, N, e]``, in PyTorch.
 
-    States accumulate in fp32 (fp64 for fp64 inputs). The non-causal backward recomputes the quadratic
-    features instead of storing them; the causal form works in chunks with an explicit in-chunk kernel and
-    exclusive prefix sums of the per-chunk states, so N×d²×e is never materialised.
-
-    Args:
-        q, k: ``[B, H, N, d]``.
-        v: ``[B, H, N, e]``; ``e`` may differ from ``d`` (callers pass the augmented ``V' = [α·1, V]``
-            with zeroed rows at padded keys).
-        a, b, c: kernel coefficients; ``a == 0`` skips the quadratic term (Fastmax order 1).
-        causal: sum over ``j ≤ i`` only.
-
-    Returns:
-        ``[B, H, N, e]`` in ``q``'s dtype.
+    States accumulate in fp32 (fp64 for fp64 inputs); ``a == 0`` skips the quadratic term. Returns q's dtype.
     """
     _check_shapes(q, k, v)
     acc = accumulation_dtype(q.dtype)
-    # Under autocast the state matmuls would fall back to bf16/fp16; they must stay in `acc`.
+    # Under autocast the state matmuls would fall back to bf16/fp16.
     with torch.autocast(q.device.type, enabled=False):
         coefficients = (float(a), float(b), float(c))
         out = run_poly_kernel("torch", q.to(acc), k.to(acc), v.to(acc), coefficients, causal, acc)
@@ -73,16 +54,7 @@ def poly_kernel_attention(
 def poly_kernel_attention_ref(
     q: Tensor, k: Tensor, v: Tensor, a: float, b: float, c: float, causal: bool = False
 ) -> Tensor:
-    """The same sum with an explicit N×N kernel matrix (the oracle for the factorised forms).
-
-    Args:
-        q, k: ``[B, H, N, d]``; v: ``[B, H, N, e]``.
-        a, b, c: kernel coefficients of f(x) = c + b·x + a·x².
-        causal: sum over ``j ≤ i`` only.
-
-    Returns:
-        ``[B, H, N, e]`` in ``q``'s dtype, computed in fp32 (fp64 for fp64 inputs).
-    """
+    """The same sum with an explicit N×N kernel matrix: the oracle of the factorised forms."""
     _check_shapes(q, k, v)
     acc = accumulation_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
@@ -93,8 +65,7 @@ def poly_kernel_attention_ref(
 def normalized_poly_attention_ref(
     logits: Tensor, v: Tensor, coefficients: Coefficients, mask: Tensor | None, causal: bool
 ) -> Tensor:
-    """Σ_j m_j f(x_ij) v_j / Σ_j m_j f(x_ij) from explicit logits x ``[B, H, N, N]`` (same dtype as v): the
-    definition that TaylorShift's and Fastmax's references share, ``[B, H, N, e]``."""
+    """Σ_j m_j f(x_ij) v_j / Σ_j m_j f(x_ij) from explicit logits ``[B, H, N, N]``."""
     weights = _explicit_weights(logits, coefficients, mask, causal)
     return weights @ v / weights.sum(dim=-1, keepdim=True)
 
@@ -124,7 +95,7 @@ def quadratic_features(x: Tensor) -> Tensor:
 
 
 def poly_states(k: Tensor, v: Tensor, coefficients: Coefficients, k_quad: Tensor | None = None) -> States:
-    """States (Σ v [B,H,1,e], Σ k vᵀ [B,H,d,e], Σ (k⊗k) vᵀ [B,H,F,e]) under plain autograd."""
+    """(Σ v, Σ k vᵀ, Σ (k⊗k) vᵀ) under plain autograd."""
     a, b, _ = coefficients
     s0 = v.sum(dim=-2, keepdim=True)
     s1 = k.transpose(-1, -2) @ v if b != 0 else None
@@ -138,7 +109,7 @@ def poly_states(k: Tensor, v: Tensor, coefficients: Coefficients, k_quad: Tensor
 def poly_readout(
     q: Tensor, states: States, coefficients: Coefficients, q_quad: Tensor | None = None
 ) -> Tensor:
-    """c·S0 + b·q·S1 + a·(q⊗q)·S2 for states from ``poly_states``: ``[B, H, N, e]``."""
+    """c·S0 + b·q·S1 + a·(q⊗q)·S2 for states from ``poly_states``."""
     (a, b, c), (s0, s1, s2) = coefficients, states
     out = (c * s0).expand(*q.shape[:-1], s0.shape[-1])
     if s1 is not None:
@@ -150,10 +121,7 @@ def poly_readout(
 
 
 class _PolyKernel(torch.autograd.Function):
-    """Non-causal factorised polynomial attention (``kernels.poly_torch``), ``[B, H, N, *]`` in and out.
-
-    Saved for backward: q, k, v and the states S1 (d×e), S2r (d×d·e); never an N×d² tensor.
-    """
+    """Non-causal ``kernels.poly_torch``, ``[B, H, N, *]`` in and out; never saves an N×d² tensor."""
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, a: float, b: float, c: float) -> Tensor:  # noqa: ANN001
@@ -176,11 +144,9 @@ class _PolyKernel(torch.autograd.Function):
 
 class _PolyRatio(torch.autograd.Function):
     """``split_ratio(poly_kernel(q, k, augmented_values(v, augmentation)))``, non-causal, as one autograd
-    node: building V', the kernel and the ratio run without recording a graph, and the backward chains their
-    gradients by hand. ``first``, ``divisor`` and ``mask`` (the ``Augmentation``) get no gradient.
+    node whose backward chains the gradients by hand; the ``Augmentation`` gets no gradient.
 
-    The ratio's gradient at row i: dnum = dY/den, dden = -Σ_e dY·Y/den (0 where the denominator was 0 and
-    replaced by 1, as ``split_ratio`` does).
+    The ratio's gradient: dnum = dY/den, dden = -Σ_e dY·Y/den (0 where a zero denominator was replaced by 1).
     """
 
     @staticmethod
@@ -198,7 +164,7 @@ class _PolyRatio(torch.autograd.Function):
     ) -> Tensor:
         shape = v.shape
         with torch.no_grad():
-            factor = _row_factor(Augmentation(first, divisor, mask), v.dtype)
+            factor = _row_factor(divisor, mask, v.dtype)
             v_aug = _scaled_rows(v, first, factor)
         q, k, v_aug = fold_heads(q, k, v_aug)
         out_aug, (s1, s2r) = poly_forward(q, k, v_aug, (a, b, c))
@@ -226,28 +192,20 @@ class _PolyRatio(torch.autograd.Function):
         return dq.view(qk_shape), dk.view(qk_shape), dv, None, None, None, None, None, None
 
 
-def _causal_chunk_size(seq_len: int, features: int, value_width: int) -> int:
-    """Chunk length balancing the in-chunk kernel (N·C) against the chunk states (N/C · F·e)."""
-    balanced = 2 ** round(math.log2(math.sqrt(features * value_width)))
-    return max(1, min(seq_len, max(16, min(512, balanced))))
-
-
 def _causal_poly(
     q: Tensor, k: Tensor, v: Tensor, coefficients: Coefficients, q_quad: Tensor | None, k_quad: Tensor | None
 ) -> Tensor:
-    """Prefix-sum form of the polynomial attention, chunked over N.
-
-    Inside a chunk the kernel is an explicit lower-triangular C×C matrix; across chunks each query reads the
-    exclusive prefix sum of the earlier chunks' states. Padding N up to a multiple of C appends keys after
-    every real query, so the causal mask already hides them.
-    """
+    """Prefix-sum form, chunked over N: an explicit lower-triangular C×C kernel inside a chunk, the exclusive
+    prefix sum of the earlier chunks' states across them (docs/kernels.md)."""
     (a, b, c), (seq_len, d) = coefficients, q.shape[2:]
     quadratic = a != 0
     explicit_features = q_quad is not None
     if quadratic and not explicit_features:
         q_quad, k_quad = quadratic_features(q), quadratic_features(k)
     features = q_quad.shape[-1] if quadratic else d
-    chunk = _causal_chunk_size(seq_len, features, v.shape[-1])
+    # C balances the in-chunk kernel (N·C) against the chunk states (N/C · F·e).
+    balanced = 2 ** round(math.log2(math.sqrt(features * v.shape[-1])))
+    chunk = max(1, min(seq_len, max(16, min(512, balanced))))
     n_chunks = -(-seq_len // chunk)
     pad = n_chunks * chunk - seq_len
 
@@ -267,8 +225,7 @@ def _causal_poly(
 
     if n_chunks > 1:
 
-        def earlier_chunks(state: Tensor) -> Tensor:
-            """Exclusive prefix sum over the chunk axis."""
+        def earlier_chunks(state: Tensor) -> Tensor:  # exclusive prefix sum over chunks
             return F.pad(state[:, :, :-1].cumsum(dim=2), (0, 0, 0, 0, 1, 0))
 
         inter = c * earlier_chunks(vc.sum(dim=-2, keepdim=True))
@@ -291,45 +248,37 @@ def run_poly_kernel(
     model_dtype: torch.dtype,
     quad_features: QuadFeatures | None = None,
 ) -> Tensor:
-    """Run the resolved impl (``select_impl``) on q, k, v held in the accumulation dtype; returns that dtype.
-
-    ``coefficients`` is (a, b, c). The torch path takes the tensors as they are; the Triton kernel reads them
-    in ``model_dtype``.
-    """
+    """The resolved impl on q, k, v in the accumulation dtype; returns that dtype."""
     if impl == "triton":
-        return run_triton_poly_kernel(q, k, v, coefficients, causal, model_dtype)
+        # The kernel reads operands in the model dtype, except fp16, whose range V' = [α·1, V]/N_v leaves at
+        # long N (and the kernel uses fp32 operands for fp16 anyway).
+        dtype = torch.float32 if model_dtype == torch.float16 else model_dtype
+        kernel = triton_module()[0].poly_kernel_attention_triton
+        return kernel(q.to(dtype), k.to(dtype), v.to(dtype), *coefficients, causal=causal).to(q.dtype)
     q_quad, k_quad = (None, None) if quad_features is None else quad_features
     if causal:
         return _causal_poly(q, k, v, coefficients, q_quad, k_quad)
     if quad_features is None:
-        # The memory-saving autograd function: it never stores an N×d² tensor.
         return _PolyKernel.apply(q, k, v, *coefficients)
     return poly_readout(q, poly_states(k, v, coefficients, k_quad), coefficients, q_quad)
 
 
 def augmented_values(v: Tensor, augmentation: Augmentation) -> Tensor:
-    """V' = [first, V]/divisor, ``[B, H, N, e + 1]``, with zero rows at pads.
-
-    One kernel call on V' yields the numerator (columns 1:) and the denominator (column 0) of a normalised
-    polynomial attention (the denominator trick of linear attention, Katharopoulos et al., 2020). Zeroing a
-    pad's whole row, first entry included, removes it from both.
-    """
-    return _scaled_rows(v, augmentation.first, _row_factor(augmentation, v.dtype))
+    """V' = [first, V]/divisor, ``[B, H, N, e + 1]``, zero at pads: one kernel call on it yields numerator
+    (columns 1:) and denominator (column 0), as in linear attention (Katharopoulos et al. 2020)."""
+    first, divisor, mask = augmentation
+    return _scaled_rows(v, first, _row_factor(divisor, mask, v.dtype))
 
 
 def _scaled_rows(v: Tensor, first: Tensor, factor: Tensor | None) -> Tensor:
-    """[first, V]·factor, ``[B, H, N, e + 1]`` (factor from ``_row_factor``; None: no scaling)."""
+    """[first, V]·factor (None: no scaling)."""
     v_aug = torch.cat([first.expand(*v.shape[:-1], 1).to(v.dtype), v], dim=-1)
     return v_aug if factor is None else v_aug * factor
 
 
-def _row_factor(augmentation: Augmentation, dtype: torch.dtype) -> Tensor | None:
-    """What multiplies V''s rows: 1/divisor, and 0 at pads (``[B, 1, N | 1, 1]``; None: neither).
-
-    A multiply, not a select: V is already zero at pads (``Attention.forward`` zeroes them with a select,
-    which keeps a NaN out), and one multiply costs a third of a division and a select over V'.
-    """
-    _, divisor, mask = augmentation
+def _row_factor(divisor: Tensor | None, mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """What multiplies V''s rows: 1/divisor, and 0 at pads (None: neither). A multiply, not a select: V is
+    already zero at pads (selected, so no NaN), and one multiply is a third of a division and a select."""
     factor = None if mask is None else mask[:, None, :, None].to(dtype)
     if divisor is not None:
         factor = 1 / divisor if factor is None else factor / divisor
@@ -337,16 +286,14 @@ def _row_factor(augmentation: Augmentation, dtype: torch.dtype) -> Tensor | None
 
 
 def _denominator(out_aug: Tensor) -> tuple[Tensor, Tensor]:
-    """Column 0 of a kernel output on V', with 1 where it is 0 (a row that sees no real key, zeroed by the
-    caller), and where it was not 0."""
+    """Column 0 of a kernel output on V' with 0 (no real key) replaced by 1, and where it was not 0."""
     denominator = out_aug[..., :1]
     nonzero = denominator != 0
     return torch.where(nonzero, denominator, torch.ones_like(denominator)), nonzero
 
 
 def split_ratio(out_aug: Tensor) -> Tensor:
-    """Numerator over denominator of a kernel output on ``augmented_values`` (a zero denominator divides by
-    1)."""
+    """Numerator over denominator of a kernel output on ``augmented_values``."""
     return out_aug[..., 1:] / _denominator(out_aug)[0]
 
 
@@ -362,16 +309,11 @@ def normalized_poly_attention(
     quad_features: QuadFeatures | None = None,
 ) -> Tensor:
     """Σ_j f(q_i·k_j) v_j / Σ_j f(q_i·k_j) over the real keys: ``split_ratio`` of ``run_poly_kernel`` on
-    ``augmented_values(v, augmentation)``, ``[B, H, N, e]``.
-
-    The non-causal torch path is one autograd node (``_PolyRatio``), which saves the graph of the V'
-    construction and the ratio (about ten full-size elementwise passes per call); the other paths compose
-    the three steps.
-    """
+    ``augmented_values``; one autograd node (``_PolyRatio``) on the non-causal torch path."""
     first, divisor, _ = augmentation
     fused = impl == "torch" and not causal and quad_features is None
     if fused and not first.requires_grad and (divisor is None or not divisor.requires_grad):
-        # autograd.Function tracks only top-level tensor arguments, so the tuple is passed unpacked.
+        # autograd.Function tracks only top-level tensor arguments.
         return _PolyRatio.apply(q, k, v, *augmentation, *coefficients)
     v_aug = augmented_values(v, augmentation)
     out_aug = run_poly_kernel(impl, q, k, v_aug, coefficients, causal, model_dtype, quad_features)
@@ -379,14 +321,9 @@ def normalized_poly_attention(
 
 
 class PolynomialAttention(Attention):
-    """The module side shared by TaylorShift and Fastmax: one options object, validated at construction and
-    passed to every call, and the kernel implementation that ran last.
+    """TaylorShift's and Fastmax's module side: the options object (``options_class`` built from
+    ``**options`` and ``causal``) and the kernel implementation that ran last."""
 
-    Args:
-        **options: the fields of ``options_class`` (``causal`` comes from the base arguments).
-    """
-
-    supports_causal = True
     options_class: ClassVar[type]
 
     def __init__(
@@ -397,7 +334,6 @@ class PolynomialAttention(Attention):
         self.impl_used: str | None = None
 
     def dropout_now(self) -> float:
-        """The dropout rate of this call: the option's in training, 0 in eval."""
         return self.options.dropout if self.training else 0.0
 
     def log_values(self) -> dict[str, Any]:

@@ -22,14 +22,13 @@ BACKENDS: dict[str, SDPBackend | None] = {
 }
 
 # Substrings of the aten op that SDPA dispatches to. The math backend is composite in recent torch, so it
-# shows up only as its pieces: a softmax with no fused kernel beside it.
+# may show up only as its pieces: a softmax with no fused kernel beside it.
 _DISPATCH_NAMES = {
     "cudnn": "cudnn_attention",
     "flash": "flash_attention",
     "efficient": "efficient_attention",
     "math": "attention_math",
 }
-_MATH_PIECE = "softmax"
 
 
 def _sdpa_mask(mask: Tensor | None, seq_len: int, causal: bool) -> tuple[Tensor | None, bool]:
@@ -47,14 +46,8 @@ def _sdpa_mask(mask: Tensor | None, seq_len: int, causal: bool) -> tuple[Tensor 
 def softmax_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False, dropout_p: float = 0.0
 ) -> Tensor:
-    """Softmax attention with SDPA under whatever backend context the caller set.
-
-    Args:
-        q, k, v: ``[B, H, N, D]``.
-        mask: ``[B, N]`` bool, True at real keys.
-        causal: mask keys after the query.
-        dropout_p: dropout on the attention weights (the caller passes 0 in eval).
-    """
+    """Softmax attention by SDPA under the caller's backend context; ``mask`` ``[B, N]`` is True at real
+    keys, ``dropout_p`` acts on the weights."""
     attn_mask, is_causal = _sdpa_mask(mask, q.shape[2], causal)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
@@ -78,17 +71,14 @@ def softmax_attention_ref(
 class SoftmaxAttention(Attention):
     """Scaled dot-product attention (Vaswani et al., 2017) via ``F.scaled_dot_product_attention``.
 
-    Args:
-        backend: ``auto`` lets PyTorch choose (the kernel it picked is recorded in ``log_values``);
-            ``flash | efficient | cudnn | math`` pins one and raises if it cannot run the inputs.
-        dropout: dropout on the attention weights, active only in training.
+    ``backend='auto'`` lets PyTorch choose (and logs the kernel it picked); ``flash | efficient | cudnn |
+    math`` pins one and raises if it cannot run the inputs. ``dropout`` acts on the weights in training.
     """
 
-    supports_causal = True
     is_convex = True
 
     def __init__(self, *args: Any, backend: str = "auto", dropout: float = 0.0, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # num_heads, head_dim, max_len, causal: see Attention
+        super().__init__(*args, **kwargs)
         require(
             backend in BACKENDS,
             f"softmax: unknown SDPA backend {backend!r}; choose one of {sorted(BACKENDS)}",
@@ -110,8 +100,7 @@ class SoftmaxAttention(Attention):
         except torch.OutOfMemoryError:
             raise
         except RuntimeError as error:
-            # With one backend enabled, PyTorch raises rather than falls back, but its message ("no viable
-            # backend") names neither the backend nor the inputs.
+            # PyTorch's message ("no viable backend") names neither the backend nor the inputs.
             reason = str(error).strip().splitlines()[0].rstrip(".")
             raise RuntimeError(
                 f"softmax: the pinned SDPA backend {self.backend!r} cannot run these inputs "
@@ -142,7 +131,7 @@ def probe_dispatched_backend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | Non
     for backend, marker in _DISPATCH_NAMES.items():
         if marker in names:
             return backend
-    return "math" if _MATH_PIECE in names else "unknown"
+    return "math" if "softmax" in names else "unknown"
 
 
 class _OpRecorder(TorchDispatchMode):

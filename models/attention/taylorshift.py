@@ -1,12 +1,10 @@
 """TaylorShift (Nauen, Palacio, Dengel, ICPR 2024, arXiv 2403.02920): attention with the Taylor polynomial
 of exp.
 
-Weights are f(x_ij)/Σ_j m_j f(x_ij) with f(x) = c + b·x + a·x² (default the Taylor polynomial of exp) and
-logits x_ij = τ_h·cos(q_i, k_j) (a learned per-head temperature, no 1/√d). The direct mode builds the N×N
-matrix in O(N²d); the efficient mode factorises it through the polynomial kernel in O(N·d³); both compute
-the same function. Outputs are multiplied by √(N_v/d) (N_v = real keys) when ``output_norm`` is on.
-The options are ``TaylorShiftOptions`` (``models.attention.options``), the crossovers between the modes
-``models.attention.crossover`` (re-exported here, where ``lra`` imports them from).
+Weights are f(x_ij)/Σ_j m_j f(x_ij), f(x) = c + b·x + a·x², logits x_ij = τ_h·cos(q_i, k_j) (a learned
+per-head temperature, no 1/√d). The direct mode builds the N×N matrix in O(N²d), the efficient mode
+factorises it through the polynomial kernel in O(N·d³): the same function. With ``output_norm`` outputs are
+multiplied by √(N_v/d) (N_v = real keys).
 """
 
 from __future__ import annotations
@@ -48,18 +46,12 @@ def _output_scale(mask: Tensor | None, causal: bool, shape: torch.Size, like: Te
 def _logit_factors(
     q: Tensor, k: Tensor, tau: Tensor, normalize_input: bool, dtype: torch.dtype, scale: float = 1.0
 ) -> tuple[Tensor, Tensor]:
-    """s·q̂, s·k̂ in ``dtype`` with x_ij = q̂_i·k̂_j: τ·cos(q, k) normally, q·k/√d with
-    ``normalize_input=False``; ``scale`` is s (the efficient mode's d^(1/4)).
-
-    Without input normalisation the logits are unbounded, as in the official module's
-    ``normalize_input=False`` (which has no τ either); the 1/√d is the usual dot-product scale, which the
-    official module applies to q in every mode (as the model width^-1/2).
-    """
+    """s·q̂, s·k̂ in ``dtype`` with x_ij = q̂_i·k̂_j = τ·cos(q, k), or q·k/√d (unbounded, no τ, as the
+    official module) with ``normalize_input=False``; ``scale`` is s (the efficient mode's d^(1/4))."""
     q, k = q.to(dtype), k.to(dtype)
     if not normalize_input:
         return q * (scale / math.sqrt(q.shape[-1])), k * scale if scale != 1.0 else k
-    # F.normalize, τ and s folded into one per-row factor: a single full-size multiply per tensor, whose
-    # backward is lighter than that of F.normalize's division.
+    # F.normalize, τ and s folded into one per-row factor: one full-size multiply, a lighter backward.
     q_factor = (scale * tau.to(dtype)).view(1, -1, 1, 1) / _row_norms(q)
     return q * q_factor, k * (scale / _row_norms(k))
 
@@ -74,7 +66,7 @@ def _direct(
 ) -> Tensor:
     """X = q̂k̂ᵀ (q, k are q̂, k̂), rows divided by M_i = f(max_j m_j|x_ij|), normalised, dropped out, times V."""
     acc, (a, b, c) = q.dtype, opts.coefficients
-    # Matmuls run in the input dtype (tensor cores for bf16); the kernel and the normalisation in fp32.
+    # The matmuls run in the input dtype (tensor cores for bf16), the rest in fp32.
     x = (q.to(v.dtype) @ k.to(v.dtype).transpose(-1, -2)).to(acc)  # [B, H, N, N]
     allowed = None  # [B | 1, 1, N, N] bool where key j may be attended by query i
     if opts.causal:
@@ -83,13 +75,13 @@ def _direct(
     if mask is not None:
         key_mask = mask[:, None, None, :]
         allowed = key_mask if allowed is None else allowed & key_mask
-    # f(x) <= max(f(r), f(-r)) for |x| <= r, so scaled entries stay <= 1 (masking by -inf logits would not
-    # work: f(-1e10) is huge). M_i cancels in the row normalisation, hence it carries no gradient.
+    # f(x) <= max(f(r), f(-r)) for |x| <= r keeps entries <= 1 (-inf logits would not mask: f(-1e10) is
+    # huge). M_i cancels in the row normalisation, hence no gradient.
     with torch.no_grad():
         if opts.causal:
             radius = torch.where(allowed, x.abs(), x.new_zeros(())).amax(dim=-1, keepdim=True)
         else:
-            # Zeroed pad keys give x = 0, which cannot raise max_j |x_ij|: no mask needed (fewer N×N passes).
+            # Zeroed pad keys give x = 0, which cannot raise max_j |x_ij|: no mask needed.
             radius = torch.maximum(x.amax(dim=-1, keepdim=True), -x.amin(dim=-1, keepdim=True))
         row_scale = torch.maximum(c + b * radius + a * radius.square(), c - b * radius + a * radius.square())
     weights = (c + x * (b + a * x)) / row_scale
@@ -107,20 +99,20 @@ def _efficient(
 ) -> Tensor:
     """Y' = a(Q⊠Q)S2 + b·s²·Q·S1 + c·s⁴·S0 for Q = s·q̂, K = s·k̂ (q, k are Q, K), V' = [α·1, V]/N_v.
 
-    Then Y = Y'[:, 1:]/Y'[:, 0]; with s = d^(1/4) every term is d·f(x_ij), α = √(d/N_v) leaves √(N_v/d).
-    ``normalize_input=False`` drops the whole scheme, as the official module does: s = 1 and no 1/N_v.
+    Y = Y'[:, 1:]/Y'[:, 0]; with s = d^(1/4) every term is d·f(x_ij), and α = √(d/N_v) leaves √(N_v/d).
+    ``normalize_input=False`` drops the scheme as the official module does: s = 1 and no 1/N_v.
     """
     acc, (batch, _, seq_len, d) = q.dtype, q.shape
     scale = opts.efficient_scale(d)
     n_real = count_real(mask, batch, seq_len, q.device, acc)  # [B, 1, 1, 1]
-    # Under causal masking N_v depends on the query, so α cannot sit in V'; the scale is applied afterwards.
+    # Causal N_v depends on the query, so α cannot sit in V'; the caller scales the output instead.
     in_values = opts.output_norm and not opts.causal
     alpha = torch.sqrt(d / n_real) if in_values else torch.ones_like(n_real)
-    # 1/N_v keeps the sums O(1): without it fp16 sums overflow beyond ~65k tokens.
+    # 1/N_v keeps the sums O(1) (fp16 sums overflow beyond ~65k tokens).
     augmentation = Augmentation(alpha, n_real if opts.normalize_input else None, mask)
     coefficients = (opts.a, opts.b * scale**2, opts.c * scale**4)
     if dropout > 0:
-        # The official efficient dropout acts on S2 = (K⊠K)ᵀV', denominator column included.
+        # The official efficient dropout acts on S2, denominator column included.
         s0, s1, s2 = poly_states(k, augmented_values(v.to(acc), augmentation), coefficients)
         return split_ratio(poly_readout(q, (s0, s1, F.dropout(s2, p=dropout)), coefficients))
     return normalized_poly_attention(impl, q, k, v.to(acc), augmentation, coefficients, opts.causal, v.dtype)
@@ -146,7 +138,7 @@ def _taylorshift(
         impl = select_impl(
             opts.impl, q, opts.causal, "the efficient-mode dropout on S2" if dropout > 0 else None
         )
-        # Under autocast the state matmuls would fall back to bf16/fp16; they must stay in fp32.
+        # Under autocast the state matmuls would fall back to bf16/fp16.
         with torch.autocast(q.device.type, enabled=False):
             scale = opts.efficient_scale(q.shape[-1])
             q_scaled, k_scaled = _logit_factors(q, k, tau, opts.normalize_input, acc, scale)
@@ -160,6 +152,7 @@ def _taylorshift(
 def _reference(
     q: Tensor, k: Tensor, v: Tensor, tau: Tensor, mask: Tensor | None, opts: TaylorShiftOptions
 ) -> Tensor:
+    """A_ij = m_j f(x_ij)/Σ_j m_j f(x_ij) as an explicit N×N matrix, Y = A·V·√(N_v/d) (no dropout)."""
     acc = accumulation_dtype(q.dtype)
     with torch.autocast(q.device.type, enabled=False):
         q_hat, k_hat = _logit_factors(q, k, tau, opts.normalize_input, acc)
@@ -173,18 +166,8 @@ def _reference(
 def taylorshift_attention(
     q: Tensor, k: Tensor, v: Tensor, tau: Tensor, mask: Tensor | None = None, **options: Any
 ) -> Tensor:
-    """TaylorShift attention, direct (O(N²d)) or efficient (O(N·d³)); both compute the same function.
-
-    Args:
-        q, k, v: ``[B, H, N, d]``; padded positions should already be zero.
-        tau: ``[H]`` per-head temperature; logits are τ·cos(q_i, k_j).
-        mask: ``[B, N]`` bool, True at real tokens; padded keys contribute nothing.
-        **options: the fields of ``TaylorShiftOptions``. Dropout acts whenever ``dropout > 0``: the caller
-            passes 0 in eval.
-
-    Returns:
-        ``[B, H, N, d]`` in the input dtype.
-    """
+    """TaylorShift with per-head temperatures ``tau`` ``[H]``, on q, k, v already zero at pads; ``options``
+    are ``TaylorShiftOptions`` fields (dropout acts whenever it is > 0)."""
     opts = TaylorShiftOptions(**options)
     mode = opts.mode_at(q.shape[2], q.shape[-1], opts.dropout, q.device.type, q.dtype)
     return _taylorshift(q, k, v, tau, mask, opts, mode, opts.dropout)[0]
@@ -193,19 +176,14 @@ def taylorshift_attention(
 def taylorshift_attention_ref(
     q: Tensor, k: Tensor, v: Tensor, tau: Tensor, mask: Tensor | None = None, **options: Any
 ) -> Tensor:
-    """The definition with an explicit N×N matrix: A_ij = m_j f(x_ij)/Σ_j m_j f(x_ij), Y = A·V·√(N_v/d).
-
-    Args: as ``taylorshift_attention`` (mode, dropout and impl are not used). Computed in fp32 (fp64 for fp64
-    inputs).
-    """
     return _reference(q, k, v, tau, mask, TaylorShiftOptions(**options))
 
 
 class TaylorShiftAttention(PolynomialAttention):
-    """TaylorShift (Nauen et al., ICPR 2024, arXiv 2403.02920): Taylor-softmax attention, direct or efficient.
+    """TaylorShift (Nauen et al. 2024); ``**options`` are the fields of ``TaylorShiftOptions``.
 
-    ``**options`` are the fields of ``TaylorShiftOptions``. With ``mode='auto'`` and dropout, training pins
-    the mode chosen at the first training call (direct and efficient dropout differ) and logs it.
+    With ``mode='auto'`` and dropout, training pins the mode of the first training call (direct and
+    efficient dropout differ) and logs it.
     """
 
     options_class = TaylorShiftOptions
@@ -215,7 +193,7 @@ class TaylorShiftAttention(PolynomialAttention):
         self, num_heads: int, head_dim: int, max_len: int, causal: bool = False, **options: Any
     ) -> None:
         super().__init__(num_heads, head_dim, max_len, causal, **options)
-        # Weights are non-negative and sum to 1; only the √(N_v/d) output scale breaks the convex combination.
+        # Only the √(N_v/d) output scale breaks the convex combination.
         self.is_convex = not self.options.output_norm
         self.tau = nn.Parameter(torch.full((num_heads,), float(self.options.tau_init)))
         self.pinned_mode: str | None = None
@@ -227,8 +205,8 @@ class TaylorShiftAttention(PolynomialAttention):
     def _mode_for(
         self, seq_len: int, pin: bool = True, device_kind: str | None = None, dtype: torch.dtype | None = None
     ) -> str:
-        """The mode that runs at ``seq_len`` on inputs of ``device_kind`` and ``dtype`` (default: those of
-        the module's parameters); training with dropout under ``auto`` pins it."""
+        """The mode that runs at ``seq_len`` (device kind and dtype default to τ's); training with dropout
+        under ``auto`` pins it."""
         dropout = self.dropout_now()
         if self.options.mode == "auto" and dropout > 0 and self.pinned_mode is not None:
             return self.pinned_mode
@@ -249,7 +227,7 @@ class TaylorShiftAttention(PolynomialAttention):
         return _reference(q, k, v, self.tau, mask, self.options)
 
     def explicit_weights(self, q: Tensor, k: Tensor, mask: Tensor | None) -> Tensor:
-        # The output scale √(N_v/d) multiplies the output, not the weights: left to apply_weights.
+        # The output scale √(N_v/d) is left to apply_weights.
         eye = torch.eye(q.shape[2], dtype=q.dtype, device=q.device)
         return _reference(q, k, eye, self.tau.detach(), mask, replace(self.options, output_norm=False))
 
@@ -259,8 +237,7 @@ class TaylorShiftAttention(PolynomialAttention):
         return out * scale
 
     def flops(self, batch: int, heads: int, seq_len: int, head_dim: int) -> float:
-        """Matmul-only forward FLOPs of the mode that runs at ``seq_len``: direct 4N²d per head (the softmax
-        count), efficient 4N·d·(d+1)², non-causal."""
+        """Per head: direct 4N²d (the softmax count), efficient 4N·d·(d+1)² (non-causal)."""
         if self._mode_for(seq_len, pin=False) == "direct":
             return batch * heads * 4.0 * seq_len**2 * head_dim
         return batch * heads * 4.0 * seq_len * head_dim * (head_dim + 1) ** 2

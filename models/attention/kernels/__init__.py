@@ -1,7 +1,7 @@
 """Fused Triton kernels for attention fast paths, and the choice between them and the PyTorch paths.
 
-Each kernel has a plain PyTorch reference beside its caller. Triton is imported lazily, so the project imports
-(and runs its PyTorch paths) without it. How the polynomial kernel works: ``docs/kernels.md``.
+Triton is imported lazily, so the project runs its PyTorch paths without it. How the polynomial kernel
+works: ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from torch import Tensor
 
 IMPLS = ("auto", "torch", "triton")
 _TRITON_MODULE = "models.attention.kernels.poly_triton"
-_TRITON_FUNCTION = "poly_kernel_attention_triton"
 _triton_state: tuple[ModuleType | None, str] | None = None
 
 
 def triton_module() -> tuple[ModuleType | None, str]:
     """The polynomial Triton kernel module, or None and the reason it cannot be used.
 
-    Cached in a module global (not ``functools.lru_cache``, which torch.compile does not honour).
+    Cached in a module global (torch.compile does not honour ``functools.lru_cache``).
     """
     global _triton_state
     if _triton_state is None:
@@ -37,20 +36,17 @@ def _load_triton_module() -> tuple[ModuleType | None, str]:
     except ImportError as err:
         return None, f"triton is not installed ({err})"
     try:
-        module = importlib.import_module(_TRITON_MODULE)
+        return importlib.import_module(_TRITON_MODULE), ""
     except ImportError as err:
         return None, f"the kernel module {_TRITON_MODULE} cannot be imported ({err})"
-    if not callable(getattr(module, _TRITON_FUNCTION, None)):
-        return None, f"{_TRITON_MODULE} defines no {_TRITON_FUNCTION}"
-    return module, ""
 
 
 def select_impl(impl: str, q: Tensor, causal: bool = False, torch_only: str | None = None) -> str:
-    """Resolve ``auto | torch | triton`` to the implementation that runs: ``"torch"`` or ``"triton"``.
+    """Resolve ``auto | torch | triton`` to ``"torch"`` or ``"triton"``.
 
-    ``torch_only`` names a feature of this call that the kernel cannot express (e.g. feature dropout);
-    ``auto`` then falls back to torch, while an explicit ``triton`` raises. The kernel runs causal inputs
-    only if its module sets ``SUPPORTS_CAUSAL = True``.
+    ``torch_only`` names a feature of this call that the kernel cannot express (e.g. feature dropout):
+    ``auto`` then falls back to torch, an explicit ``triton`` raises. Causal inputs go to the kernel only if
+    its module sets ``SUPPORTS_CAUSAL = True``.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; choose one of {IMPLS}")
@@ -74,23 +70,3 @@ def select_impl(impl: str, q: Tensor, causal: bool = False, torch_only: str | No
             "this case) or impl='torch'"
         )
     return "triton"
-
-
-def run_triton_poly_kernel(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    coefficients: tuple[float, float, float],
-    causal: bool,
-    model_dtype: torch.dtype,
-) -> Tensor:
-    """The fused polynomial kernel on q, k, v held in the accumulation dtype; returns that dtype.
-
-    The kernel reads operands in the model dtype (bf16 tensor cores), except fp16: V' = [α·1, V]/N_v drops
-    below fp16's normal range at long N, and the kernel uses fp32 operands for fp16 anyway, so fp16 models
-    hand it fp32.
-    """
-    module, _ = triton_module()
-    dtype = torch.float32 if model_dtype == torch.float16 else model_dtype
-    kernel = getattr(module, _TRITON_FUNCTION)
-    return kernel(q.to(dtype), k.to(dtype), v.to(dtype), *coefficients, causal=causal).to(q.dtype)

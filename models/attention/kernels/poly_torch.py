@@ -1,8 +1,6 @@
-"""The non-causal polynomial kernel in PyTorch, forward and backward written by hand.
-
-Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) v_j for ``[B·H, N, *]`` tensors, with quadratic features built in
-cache-sized blocks and never stored (docs/kernels.md). ``models.attention.polynomial`` wraps these functions
-in autograd nodes and holds the reference.
+"""The non-causal polynomial kernel Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) v_j in PyTorch, forward and
+backward by hand, with quadratic features built in cache-sized blocks and never stored. How and why: "The
+blocked PyTorch path" in docs/kernels.md. ``models.attention.polynomial`` wraps it in autograd nodes.
 """
 
 from __future__ import annotations
@@ -12,17 +10,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-# Elements of a quadratic-feature block held at once (2 MB in fp32): small enough to stay in a core's L2 cache
-# between the multiply that builds it and the matmul that reads it, and to be served from malloc's reused heap
-# rather than fresh mmap pages (the measurements behind the number: docs/kernels.md).
+# Elements of a quadratic-feature block (2 MB in fp32): it stays in L2 and in malloc's reused heap.
 FEATURE_BLOCK_ELEMENTS = 1 << 19
 MIN_BLOCK_ROWS = 256
 Coefficients = tuple[float, float, float]  # (a, b, c) of f(s) = c + b·s + a·s²
 
 
 class Blocking(NamedTuple):
-    """How a pass cuts ``[G, N, *]`` tensors: ``heads`` whole heads per block, or (``heads`` = 1) ``rows``
-    rows of one head per block; ``width`` is the widest feature block's row."""
+    """``heads`` whole heads per block, or (``heads`` = 1) ``rows`` rows of one head; ``width`` is the widest
+    feature row."""
 
     heads: int
     rows: int
@@ -30,32 +26,21 @@ class Blocking(NamedTuple):
     width: int
 
     def split(self, x: Tensor, row_dim: int = 1) -> list[Tensor]:
-        """``x``'s blocks as views, in block order; rows lie along ``row_dim``.
-
-        ``Tensor.split`` makes all views in one call: indexing with slices block by block cost about a
-        sixth of the kernel's time at the CPU profile's shapes (docs/kernels.md).
-        """
+        """``x``'s blocks as views (one ``Tensor.split``, much cheaper than slicing block by block)."""
         if self.rows >= self.seq_len:
             return list(x.split(self.heads))
         return [chunk for head in x.split(1) for chunk in head.split(self.rows, dim=row_dim)]
 
     def per_block(self, x: Tensor) -> list[Tensor]:
-        """The head slice of a per-head ``[G, *]`` tensor (a state) that each block reads."""
+        """The head slice of a per-head ``[G, *]`` state that each block reads."""
         if self.rows >= self.seq_len:
             return list(x.split(self.heads))
         return [head for head in x.split(1) for _ in range(-(-self.seq_len // self.rows))]
 
 
 def blocking(batch_heads: int, seq_len: int, width: int) -> Blocking:
-    """The blocks of a ``[B·H, N, *]`` pass whose ``[heads, rows, width]`` feature block stays under the
-    element budget.
-
-    Whole heads are grouped while one head fits, otherwise one head is cut into row chunks of at least
-    ``MIN_BLOCK_ROWS`` rows (fewer rows make the state products, which contract over them, inefficient at
-    large d, where the d×d·e state is re-read per block). Either way the
-    block of a contiguous ``[B·H, N, *]`` tensor is itself contiguous, so every block is one bmm that writes
-    its output in place (a strided block makes CPU ``baddbmm_`` fall back to one addmm per matrix).
-    """
+    """Blocks whose ``[heads, rows, width]`` features stay under the budget: whole heads while one fits,
+    else row chunks of one head of at least ``MIN_BLOCK_ROWS`` rows. Each block is contiguous, so one bmm."""
     per_head = seq_len * width
     if per_head <= FEATURE_BLOCK_ELEMENTS:
         return Blocking(max(1, min(batch_heads, FEATURE_BLOCK_ELEMENTS // per_head)), seq_len, seq_len, width)
@@ -63,19 +48,15 @@ def blocking(batch_heads: int, seq_len: int, width: int) -> Blocking:
 
 
 class _Outer:
-    """Row-wise outer products vec(x yᵀ) of blocks, ``[g, R, m]``, ``[g, R, n] -> [g, R, m·n]``, written
-    into one flat workspace that holds the largest block.
-
-    A fresh tensor per block would cost an allocation and first-touch page faults each time (a third of the
-    time of the multiply that fills it).
-    """
+    """Row-wise outer products vec(x yᵀ) of blocks, written into one reused workspace (a fresh tensor per
+    block costs an allocation and page faults)."""
 
     def __init__(self, like: Tensor, plan: Blocking) -> None:
         self.workspace = like.new_empty(plan.heads * min(plan.rows, plan.seq_len) * plan.width)
         self.views: dict[torch.Size, Tensor] = {}
 
     def __call__(self, x_column: Tensor, y_row: Tensor) -> Tensor:
-        """``x_column`` ``[g, R, m, 1]`` and ``y_row`` ``[g, R, 1, n]`` (views of ``unsqueeze``d tensors)."""
+        """``[g, R, m, 1]``, ``[g, R, 1, n]`` -> ``[g, R, m·n]``."""
         shape = torch.Size((*x_column.shape[:-1], y_row.shape[-1]))
         out = self.views.get(shape)
         if out is None:
@@ -83,23 +64,15 @@ class _Outer:
         return torch.mul(x_column, y_row, out=out).flatten(-2)
 
 
-# The non-causal torch path, written out by hand (``poly_forward``/``poly_backward``) so that it never
-# stores an N×d² tensor and runs every quadratic product as one matmul with a wide contraction. Heads are
-# folded into one batch axis G = B·H and every tensor is a contiguous ``[G, N, *]``. The quadratic state is
-# kept as S2r ``[G, d, d·e]`` with S2r[m, (n, e)] = Σ_j k_jm k_jn v_je, which is S2 = Σ_j (k_j⊗k_j) v_jᵀ
-# ``[G, d², e]`` under a free view and is symmetric in (m, n). With ⊠ the row-wise outer product:
-#   S2r = Kᵀ (K⊠V')  and  dS2r = a·Qᵀ (Q⊠dY)         (contraction over tokens);
-#   dQ = 2a·(Q⊠dY) S2rᵀ  and  dK = 2·(K⊠V') dS2rᵀ     (contraction over d·e: d/dx Σ_mn G_mn x_m x_n = 2Gx
-#                                                        for a symmetric G, so no d×d gradient is contracted
-#                                                        token by token);
-#   Y = a·(Q⊠Q) S2  and  dV' = (K⊠K) dS2              (contraction over d²).
-# Feature blocks (``_blocks``) stay in cache and are rebuilt in backward instead of saved: a rebuild costs one
-# multiply per element, while reading a saved N×d² tensor back costs a trip to memory.
+# Tensors are contiguous [G, N, *], G = B·H. S2r [G, d, d·e] is S2 = Σ_j (k_j⊗k_j) v_jᵀ [G, d², e] under a
+# free view. With ⊠ the row-wise outer product (docs/kernels.md):
+#   S2r = Kᵀ (K⊠V'),  dS2r = a·Qᵀ (Q⊠dY),  dQ = 2a·(Q⊠dY) S2rᵀ,  dK = 2·(K⊠V') dS2rᵀ,
+#   Y = a·(Q⊠Q) S2,  dV' = (K⊠K) dS2.
 PolySaved = tuple[Tensor | None, Tensor | None]  # S1 [G, d, e] (None when b = 0), S2r (None when a = 0)
 
 
 def poly_forward(q: Tensor, k: Tensor, v: Tensor, coefficients: Coefficients) -> tuple[Tensor, PolySaved]:
-    """c·Σv + b·q·(Kᵀ V) + a·(q⊗q)·S2 for contiguous ``[G, N, *]`` inputs: ``[G, N, e]`` and the states."""
+    """c·Σv + b·q·(Kᵀ V) + a·(q⊗q)·S2, ``[G, N, e]``, and the states for backward."""
     (a, b, c), (batch_heads, seq_len, d), value_width = coefficients, q.shape, v.shape[-1]
     s0 = v.sum(dim=1, keepdim=True)  # [G, 1, e]
     s1 = torch.bmm(k.transpose(1, 2), v) if b != 0 else None  # [G, d, e]
@@ -136,7 +109,7 @@ def poly_forward(q: Tensor, k: Tensor, v: Tensor, coefficients: Coefficients) ->
 def poly_backward(
     q: Tensor, k: Tensor, v: Tensor, saved: PolySaved, grad: Tensor, coefficients: Coefficients
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients w.r.t. q, k, v of ``poly_forward``, for the contiguous output gradient ``[G, N, e]``."""
+    """Gradients w.r.t. q, k, v of ``poly_forward`` for the contiguous output gradient."""
     (a, b, c), (s1, s2r) = coefficients, saved
     (batch_heads, seq_len, d), value_width = q.shape, v.shape[-1]
     # The constant term gives every key the same value gradient c·Σ_i dY_i.

@@ -1,10 +1,6 @@
-"""Fused Triton second-order polynomial ("Taylor-softmax") linear attention, forward and backward.
-
-Per (batch, head), non-causal and unnormalised: out_i = Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) · v_j, computed
-as φ(Q)(φ(K)ᵀV) with the features φ formed on chip. Callers pass normalised q, k and the augmented V' whose
-padded rows are zero, so the kernels need no mask. This module is the host side (tiles, launches, autograd);
-the kernels themselves are in ``poly_triton_jit``. How the two kernels (state, apply) split the work, the
-state layout, the tiling, the precision per dtype and the cost: ``docs/kernels.md``.
+"""Fused Triton polynomial attention out_i = Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) · v_j, non-causal and
+unnormalised, with the features formed on chip: the host side (tiles, launches, autograd). The kernels are
+in ``poly_triton_jit``; how they work, the tiling, the precision and the cost: ``docs/kernels.md``.
 """
 
 from __future__ import annotations
@@ -27,23 +23,15 @@ except ImportError:  # the module must import on machines without Triton; callin
 
 __all__ = ["SUPPORTS_CAUSAL", "poly_kernel_attention_triton", "poly_kernel_flops"]
 
-# Read by models.attention.kernels.select_impl, which routes causal calls to the PyTorch path.
-SUPPORTS_CAUSAL = False
+SUPPORTS_CAUSAL = False  # select_impl routes causal calls to the PyTorch path
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Smallest MMA operand extent Triton accepts for 16-bit inputs; d and e are padded to at least this.
-_MIN_DOT = 16
-# Quadratic features per state block: one 128-row MMA tile.
-_FEATURES_PER_BLOCK = 128
+_MIN_DOT = 16  # smallest MMA operand extent for 16-bit inputs; d and e are padded to at least this
 
 
 def poly_kernel_flops(batch: int, heads: int, seq_len: int, head_dim: int, value_dim: int) -> float:
-    """Forward matmul FLOPs of the factorised kernel (2 per multiply-add, full features).
-
-    4·N·d·(d+1)·e per head: the state and the apply pass each cost 2·N·e per feature, counting the d² + d
-    quadratic and linear features (the constant one is negligible). With e = d+1 this is the
-    4·N·d·(d+1)² of ``TaylorShiftAttention.flops``. Forward + backward ≈ 3× this.
-    """
+    """Forward matmul FLOPs, 4·N·d·(d+1)·e per head: state and apply each cost 2·N·e per feature (d² + d of
+    them, the constant one neglected). Forward + backward ≈ 3× this."""
     return 4.0 * batch * heads * seq_len * head_dim * (head_dim + 1) * value_dim
 
 
@@ -57,7 +45,7 @@ def _prev_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class _Config:
-    """Tile sizes and dtypes of one call; their roles are described in docs/kernels.md."""
+    """Tile sizes and dtypes of one call (docs/kernels.md, "Tiling")."""
 
     d_pad: int
     block_a: int
@@ -122,15 +110,6 @@ def _make_config(
     )
 
 
-def _tl_dtype(dtype: torch.dtype):
-    return {
-        torch.float16: tl.float16,
-        torch.bfloat16: tl.bfloat16,
-        torch.float32: tl.float32,
-        torch.float64: tl.float64,
-    }[dtype]
-
-
 def _kernel_args(dtype: torch.dtype, cfg: _Config, block_n: int) -> dict:
     """Constexprs and launch options shared by both kernels."""
     acc = tl.float64 if dtype == torch.float64 else tl.float32
@@ -145,7 +124,7 @@ def _kernel_args(dtype: torch.dtype, cfg: _Config, block_n: int) -> dict:
         "HAS_TAIL": cfg.has_tail,
         "E_PAD": cfg.e_pad,
         "ACC_DTYPE": acc,
-        "OP_DTYPE": _tl_dtype(cfg.op_dtype),
+        "OP_DTYPE": getattr(tl, str(cfg.op_dtype).removeprefix("torch.")),
         "INPUT_PRECISION": precision,
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
@@ -153,17 +132,14 @@ def _kernel_args(dtype: torch.dtype, cfg: _Config, block_n: int) -> dict:
 
 
 def _pad_values(y: Tensor, cfg: _Config) -> Tensor:
-    """[BH, N, e] -> contiguous [BH, N, E_PAD], zero beyond e, so kernel rows are 16-byte aligned."""
+    """[BH, N, e] -> contiguous [BH, N, E_PAD], zero beyond e (16-byte aligned rows)."""
     if y.shape[-1] == cfg.e_pad:
         return y.contiguous()
     return torch.nn.functional.pad(y, (0, cfg.e_pad - y.shape[-1]))
 
 
 def _state(x: Tensor, y: Tensor, cfg: _Config) -> Tensor:
-    """T = Σ_n [x_n⊗x_n, x_n, 1]ᵀ y_n per head.
-
-    x: [BH, N, d], y: [BH, N, E_PAD] -> [BH, d² + d + 1, E_PAD] in the MMA operand dtype.
-    """
+    """T = Σ_n [x_n⊗x_n, x_n, 1]ᵀ y_n per head, [BH, d² + d + 1, E_PAD] in the MMA operand dtype."""
     bh, seq_len, head_dim = x.shape
     n_quad_blocks = triton.cdiv(head_dim, cfg.block_a)
     n_tiles = max(1, triton.cdiv(seq_len, cfg.block_n_state))
@@ -196,10 +172,7 @@ def _apply(
     compute_out: bool,
     compute_dx: bool,
 ) -> tuple[Tensor | None, Tensor | None]:
-    """OUT = a·φ₂(x)T2 + b·xT1 + c·T0 ([BH, N, e]) and/or DX = a·(G + Gᵀ)x + b·yT1ᵀ ([BH, N, d]).
-
-    x: [BH, N, d]; y: [BH, N, E_PAD] or None; state: [BH, d² + d + 1, E_PAD].
-    """
+    """OUT = a·φ₂(x)T2 + b·xT1 + c·T0 ([BH, N, e]) and/or DX = a·(G + Gᵀ)x + b·yT1ᵀ ([BH, N, d])."""
     bh, seq_len, head_dim = x.shape
     out = x.new_empty(bh, seq_len, value_dim) if compute_out else None
     dx = torch.empty_like(x) if compute_dx else None
@@ -315,23 +288,12 @@ def poly_kernel_attention_triton(
     block_a: int | None = None,
     n_split: int | None = None,
 ) -> Tensor:
-    """Fused polynomial-kernel attention Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) v_j, unnormalised.
+    """Σ_j (c + b·(q_i·k_j) + a·(q_i·k_j)²) v_j for q, k ``[B, H, N, d]``, v ``[B, H, N, e]``, unnormalised.
 
-    Args:
-        q, k: ``[B, H, N, d]``; v: ``[B, H, N, e]`` (typically the augmented V' = [α·1, V], zero at pads).
-            One dtype among fp16, bf16, fp32, fp64; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``.
-            Non-contiguous inputs are copied.
-        a, b, c: quadratic, linear and constant coefficients of the kernel (any finite reals).
-        causal: not supported by the fused kernel; raises ``NotImplementedError``.
-        block_n: rows of an N tile in every kernel (power of two, >= 16); the default depends on the
-            kernel and the dtype (``_DEFAULT_TILES``: 64 / 128 / 64 for state / forward apply / dx applies
-            in bf16).
-        block_a: α rows per feature block, i.e. block_a·max(16, next_pow2(d)) quadratic features per
-            program; the default gives 128 features in bf16 (64 with 4-byte, 32 with 8-byte operands).
-        n_split: splits of N in the state reduction; the default fills the GPU (1 under the interpreter).
-
-    Returns:
-        ``[B, H, N, e]`` in the input dtype; differentiable w.r.t. q, k and v (once).
+    One dtype among fp16, bf16, fp32, fp64; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``. ``causal``
+    raises ``NotImplementedError``. ``block_n`` (rows of an N tile, a power of two >= 16), ``block_a`` (α rows
+    per feature block) and ``n_split`` (splits of N in the state reduction) override ``_DEFAULT_TILES`` and
+    the split that fills the GPU. Returns the input dtype, differentiable once.
     """
     if triton is None:
         raise RuntimeError(
@@ -346,7 +308,7 @@ def poly_kernel_attention_triton(
             "PyTorch implementation (models.attention.polynomial) for causal attention"
         )
     if q.shape[2] == 0:
-        # Nothing to launch; an empty product keeps autograd consistent.
+        # Nothing to launch; an empty product keeps autograd connected.
         return v * 0.0 + 0.0 * (q.sum() + k.sum())
     cfg = _make_config(q, v, block_n, block_a, n_split)
     # Triton launches on the current device; the backward runs on autograd's per-device thread.
