@@ -1,15 +1,17 @@
 """The shared LightningDataModule: cached token arrays in, uniform batches out.
 
-Every task turns its source (official release, parquet, hub, or our generators) into arrays
-``{split: {"input_ids": [N, L], "lengths": [N], "labels": [N]}}`` (plus ``input_ids_2``/``lengths_2`` for
-the two-document Retrieval task). Those arrays are built once, cached under ``$LRA_DATA_DIR/cache`` and
-memory-mapped afterwards. Batches are dicts ``{"input_ids", "mask", "label"}`` (plus ``_2`` keys), where
-``mask`` is True at real (non-padding) positions.
+Every task turns its source into ``{split: {"input_ids": [N, L], "lengths": [N], "labels": [N]}}`` (plus
+``input_ids_2``/``lengths_2`` for the two-document Retrieval task), built once, cached under
+``$LRA_DATA_DIR/cache`` and memory-mapped afterwards. Batches are ``{"input_ids", "mask", "label"}`` (plus
+``_2`` keys), where ``mask`` is True at real (non-padding) positions.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any, ClassVar
@@ -25,9 +27,33 @@ from lra.errors import ConfigError, DataError, MissingDataError
 
 SPLITS = ("train", "val", "test")
 SHUFFLE_MODES = ("official", "full", "none")
-# Seeds the evaluation subsample (data.max_eval_samples) and any training subsample (max_train_samples)
-# independently of the run seed.
+# Seeds the evaluation and training subsamples (max_eval_samples, max_train_samples), not the run seed.
 SUBSAMPLE_SEED = 0
+
+log = logging.getLogger(__name__)
+
+
+def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"data.{key}={value!r} is not one of {tuple(allowed)}")
+
+
+def missing_data_error(task: str, path: Path, expected: str, how_to_get: str) -> MissingDataError:
+    """The error for absent data: where we looked, what we expected there, and how to get it."""
+    return MissingDataError(f"{task}: no data at {path}\n  expected: {expected}\n  to fix: {how_to_get}")
+
+
+def map_in_processes(
+    function: Callable[[Any], Any], jobs: Sequence[Any], workers: int | None
+) -> Iterator[Any]:
+    """``function`` over ``jobs``, results in job order, in ``workers`` forked processes (None or 0: every
+    core; never more than there are jobs); with one process the jobs run here."""
+    processes = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if processes == 1:
+        yield from map(function, jobs)
+        return
+    with multiprocessing.get_context("fork").Pool(processes) as pool:
+        yield from pool.imap(function, jobs)
 
 
 class ArrayDataset(Dataset):
@@ -36,7 +62,7 @@ class ArrayDataset(Dataset):
     def __init__(self, arrays: dict[str, np.ndarray], indices: np.ndarray | None = None) -> None:
         self.arrays = arrays
         self.indices = np.arange(len(arrays["labels"])) if indices is None else indices
-        self.dual = "input_ids_2" in arrays
+        self.suffixes = ("", "_2") if "input_ids_2" in arrays else ("",)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -44,22 +70,33 @@ class ArrayDataset(Dataset):
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         row = int(self.indices[item])
         example = {"label": torch.tensor(int(self.arrays["labels"][row]), dtype=torch.long)}
-        suffixes = ("", "_2") if self.dual else ("",)
-        for suffix in suffixes:
+        for suffix in self.suffixes:
             ids = torch.from_numpy(np.asarray(self.arrays["input_ids" + suffix][row], dtype=np.int64))
-            length = int(self.arrays["lengths" + suffix][row])
             example["input_ids" + suffix] = ids
-            example["mask" + suffix] = torch.arange(ids.shape[0]) < length
+            example["mask" + suffix] = torch.arange(ids.shape[0]) < int(self.arrays["lengths" + suffix][row])
         return example
 
 
-class SeededSampler(Sampler[int]):
-    """An order of ``num_examples`` indices that is a function of ``seed`` and the epoch set by Lightning."""
+class ShuffleSampler(Sampler[int]):
+    """A seeded order of ``num_examples`` indices for the epoch Lightning sets.
 
-    def __init__(self, num_examples: int, seed: int) -> None:
-        self.num_examples = num_examples
-        self.seed = seed
-        self.epoch = 0
+    Without ``buffer_size``, a fresh permutation each epoch. With it, the official input order: a fixed base
+    order read through a shuffle buffer of ``buffer_size`` units, a unit being one example or one block of
+    ``block`` consecutive examples; ``permute_first`` makes the base order a seeded permutation (the image
+    tasks shuffle whole batches of a fixed order).
+    """
+
+    def __init__(
+        self,
+        num_examples: int,
+        seed: int,
+        buffer_size: int | None = None,
+        block: int = 1,
+        permute_first: bool = False,
+    ) -> None:
+        self.num_examples, self.seed, self.epoch = num_examples, seed, 0
+        self.buffer_size = None if buffer_size is None else max(1, buffer_size)
+        self.block, self.permute_first = max(1, block), permute_first
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -67,54 +104,29 @@ class SeededSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.num_examples
 
-
-class BufferShuffleSampler(SeededSampler):
-    """The official input order: a fixed base order read through a shuffle buffer of ``buffer_size`` units.
-
-    A unit is one example (ListOps, Text, Retrieval) or one block of ``block`` consecutive examples (the
-    image tasks shuffle whole batches). With ``permute_first`` the base order is a seeded permutation
-    (the image tasks' fixed order).
-    """
-
-    def __init__(
-        self, num_examples: int, buffer_size: int, seed: int, block: int = 1, permute_first: bool = False
-    ) -> None:
-        super().__init__(num_examples, seed)
-        self.buffer_size = max(1, buffer_size)
-        self.block = max(1, block)
-        self.permute_first = permute_first
-
     def __iter__(self) -> Iterator[int]:
-        base = np.arange(self.num_examples)
-        if self.permute_first:
-            base = np.random.default_rng(self.seed).permutation(self.num_examples)
-        units = [base[i : i + self.block] for i in range(0, self.num_examples, self.block)]
+        count = self.num_examples
+        if self.buffer_size is None:
+            yield from np.random.default_rng((self.seed, self.epoch)).permutation(count).tolist()
+            return
+        base = np.random.default_rng(self.seed).permutation(count) if self.permute_first else np.arange(count)
         rng = np.random.default_rng((self.seed, self.epoch))
         buffer: list[np.ndarray] = []
-        for unit in units:
-            buffer.append(unit)
+        for start in range(0, count, self.block):
+            buffer.append(base[start : start + self.block])
             if len(buffer) >= self.buffer_size:
                 yield from buffer.pop(int(rng.integers(len(buffer)))).tolist()
         while buffer:
             yield from buffer.pop(int(rng.integers(len(buffer)))).tolist()
 
 
-class FullShuffleSampler(SeededSampler):
-    """A fresh seeded permutation every epoch."""
-
-    def __iter__(self) -> Iterator[int]:
-        yield from np.random.default_rng((self.seed, self.epoch)).permutation(self.num_examples).tolist()
-
-
 class ResumableDataLoader(DataLoader):
-    """A DataLoader that can resume in the middle of an epoch.
+    """A DataLoader that resumes in the middle of an epoch.
 
-    Lightning stores ``state_dict()`` in its checkpoints (loaders with ``state_dict``/``load_state_dict`` are
-    "stateful" to it) and calls ``load_state_dict`` on resume before the epoch's iterator is first advanced.
-    The state is the sampler's epoch and the number of batches handed out in it; the samplers are
-    deterministic given (seed, epoch), so skipping that many batches of the same epoch continues exactly
-    where the killed run stopped. Batches are counted where they leave the loader (Lightning does not
-    prefetch from sized loaders), so the count matches the optimiser steps taken on this epoch's data.
+    Lightning checkpoints ``state_dict()`` (the sampler's epoch and the batches handed out in it) and calls
+    ``load_state_dict`` on resume before the epoch's iterator is first advanced. The samplers are
+    deterministic given (seed, epoch), so skipping that many batches of the same epoch continues exactly where
+    the killed run stopped. Lightning does not prefetch from sized loaders, so the count matches the steps.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -123,9 +135,6 @@ class ResumableDataLoader(DataLoader):
         self.pass_epoch: int | None = None
         self.resume_from: dict[str, Any] | None = None
 
-    def _epoch(self) -> int | None:
-        return getattr(self.sampler, "epoch", None)
-
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.pass_epoch, "batches_served": self.batches_served}
 
@@ -133,18 +142,17 @@ class ResumableDataLoader(DataLoader):
         self.resume_from = dict(state_dict)
 
     def __iter__(self) -> Iterator[Any]:
-        # The base iterator is made here, not lazily, because making it draws the workers' base seed from
-        # torch's global generator: drawing it later would shift the restored random stream by one draw.
-        batches = super().__iter__()
-        return self._serve(batches)
+        # Made here, not lazily: making it draws the workers' base seed from torch's global generator, and
+        # drawing it later would shift the restored random stream by one draw.
+        return self._serve(super().__iter__())
 
     def _serve(self, batches: Iterator[Any]) -> Iterator[Any]:
         # Runs at the first next(), after Lightning has set this epoch on the sampler.
-        self.pass_epoch, self.batches_served = self._epoch(), 0
+        self.pass_epoch, self.batches_served = getattr(self.sampler, "epoch", None), 0
         resume, self.resume_from = self.resume_from, None
         if resume and resume["epoch"] == self.pass_epoch and 0 < resume["batches_served"] < len(self):
-            # Skipped batches are still loaded (cheap from memory-mapped arrays) so that this needs no
-            # private DataLoader API and works the same with workers and with DDP's sampler wrapper.
+            # Skipped batches are still loaded (cheap from memory-mapped arrays): no private DataLoader API,
+            # and the same with workers and with DDP's sampler wrapper.
             for _ in islice(batches, resume["batches_served"]):
                 self.batches_served += 1
         for batch in batches:
@@ -158,13 +166,12 @@ class LRADataModule(L.LightningDataModule):
     Args:
         seq_len: tokens per example after truncation/padding.
         batch_size: training batch size (evaluation uses ``eval_batch_size``, default the same).
-        num_workers: DataLoader workers.
-        seed: drives shuffling and any subsampling.
+        seed: drives shuffling.
         shuffle: ``official`` (the task's shuffle buffer), ``full`` (a permutation per epoch) or ``none``.
         shuffle_buffer: buffer size in units for ``shuffle=official``.
         shuffle_unit: ``example`` or ``batch`` (the image tasks shuffle whole batches).
         drop_last_eval: drop the last partial batch of val/test (official for Retrieval, Image, Pathfinder).
-        max_train_samples, max_eval_samples: seeded random subsets, for quick CPU profiles and tests.
+        max_train_samples, max_eval_samples: fixed random subsets, for quick CPU profiles and tests.
         data_root: overrides ``$LRA_DATA_DIR`` (default ``~/.cache/lra``).
     """
 
@@ -172,6 +179,7 @@ class LRADataModule(L.LightningDataModule):
     vocab_size: ClassVar[int] = 256
     num_classes: ClassVar[int] = 2
     dual: ClassVar[bool] = False
+    official_sizes: ClassVar[dict[str, int]] = {}
 
     def __init__(
         self,
@@ -189,10 +197,8 @@ class LRADataModule(L.LightningDataModule):
         data_root: str | None = None,
     ) -> None:
         super().__init__()
-        if shuffle not in SHUFFLE_MODES:
-            raise ConfigError(f"data.shuffle={shuffle!r} is not one of {SHUFFLE_MODES}")
-        if shuffle_unit not in ("example", "batch"):
-            raise ConfigError(f"data.shuffle_unit={shuffle_unit!r} is not one of ('example', 'batch')")
+        check_choice("shuffle", shuffle, SHUFFLE_MODES)
+        check_choice("shuffle_unit", shuffle_unit, ("example", "batch"))
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -207,7 +213,7 @@ class LRADataModule(L.LightningDataModule):
         self.root = Path(data_root).expanduser() if data_root else default_data_root()
         self.datasets: dict[str, ArrayDataset] = {}
 
-    # -- what a task provides -------------------------------------------------------------------------
+    # What a task provides.
     @property
     def source(self) -> str:
         """Where the data came from: ``release``, ``parquet``, ``hf`` or ``generated``."""
@@ -221,7 +227,7 @@ class LRADataModule(L.LightningDataModule):
         """Read or generate the data and return ``{split: arrays}`` for train, val and test."""
         raise NotImplementedError
 
-    # -- shared machinery -----------------------------------------------------------------------------
+    # Shared machinery.
     @property
     def cache_dir(self) -> Path:
         params = {"task": self.task_name, "seq_len": self.seq_len, **self.cache_params()}
@@ -230,26 +236,27 @@ class LRADataModule(L.LightningDataModule):
     def load_arrays(self) -> ArraySplits:
         return cached_arrays(self.cache_dir, self._checked_build)
 
-    def source_location(self) -> str:
-        """Where the arrays are read from, for error messages: the task's data folder, else its source."""
-        data_dir = getattr(self, "data_dir", None)
-        if data_dir:
-            return f"the data at {data_dir}"
-        try:
-            return f"the {self.source} data"
-        except Exception:
-            # Only a message is being built: a source that cannot even be located has its own error.
-            return "the task's data"
+    def check_sizes(self, sizes: Mapping[str, int]) -> None:
+        """Warn when split sizes differ from the official ones (results then are not comparable)."""
+        for split, expected in self.official_sizes.items():
+            if sizes.get(split) != expected:
+                log.warning(
+                    "%s: the %s split has %s examples (source %s); the official one has %s, so results "
+                    "are not comparable with published numbers",
+                    *(self.task_name, split, sizes.get(split), self.source, f"{expected:,}"),
+                )
 
     def _checked_build(self) -> ArraySplits:
+        # For error messages; the source is known by now, since the cache key names it.
+        data_dir = getattr(self, "data_dir", None)
+        where = f"the data at {data_dir}" if data_dir else f"the {self.source} data"
         try:
             splits = self.build_arrays()
         except Exception as error:
-            # Readers' own messages name the file when they can; the note (Python 3.11+) says what
-            # happened around them.
+            # Readers' own messages name the file; the note (Python 3.11+) says what happened around them.
             if hasattr(error, "add_note"):
                 error.add_note(
-                    f"{self.task_name}: reading {self.source_location()} failed, so nothing was cached; fix "
+                    f"{self.task_name}: reading {where} failed, so nothing was cached; fix "
                     f"or re-download the input named above (task.data_dir) and rerun"
                 )
             raise
@@ -257,15 +264,15 @@ class LRADataModule(L.LightningDataModule):
             if split not in splits or len(splits[split]["labels"]) == 0:
                 raise DataError(
                     f"{self.task_name}: the {split} split is empty or missing (read from "
-                    f"{self.source_location()}); check that its {split} file is complete (re-download or "
+                    f"{where}); check that its {split} file is complete (re-download or "
                     f"re-extract it), or point task.data_dir at a complete copy"
                 )
             labels = np.asarray(splits[split]["labels"])
-            bad = (labels < 0) | (labels >= self.num_classes)
-            if bad.any():
+            bad = np.flatnonzero((labels < 0) | (labels >= self.num_classes))
+            if len(bad):
                 raise DataError(
-                    f"{self.task_name}: the {split} split has label {int(labels[bad][0])} at example "
-                    f"{int(np.flatnonzero(bad)[0])} (read from {self.source_location()}), outside "
+                    f"{self.task_name}: the {split} split has label {int(labels[bad[0]])} at example "
+                    f"{int(bad[0])} (read from {where}), outside "
                     f"0..{self.num_classes - 1}; check that task.data_dir holds this task's data"
                 )
         return splits
@@ -282,69 +289,55 @@ class LRADataModule(L.LightningDataModule):
             size = len(arrays[split]["labels"])
             indices = None
             if limit is not None and limit < size:
-                # The subsample does not follow the training seed: every run of a task, whatever its seed or
-                # attention, is scored on the same examples, so their accuracies differ only by the model.
+                # Not the run seed: every run of a task is scored on the same examples, whatever its seed.
                 indices = np.sort(np.random.default_rng(SUBSAMPLE_SEED).choice(size, limit, replace=False))
             self.datasets[split] = ArrayDataset(arrays[split], indices)
 
-    def _sampler(self, size: int) -> Sampler[int] | None:
-        if self.shuffle == "none":
-            return None
-        if self.shuffle == "full":
-            return FullShuffleSampler(size, self.seed)
-        by_batch = self.shuffle_unit == "batch"
-        return BufferShuffleSampler(
-            size,
-            self.shuffle_buffer,
-            self.seed,
-            block=self.batch_size if by_batch else 1,
-            permute_first=by_batch,
-        )
-
-    def _loader(self, split: str, batch_size: int, drop_last: bool, train: bool) -> DataLoader:
-        dataset = self.datasets[split]
-        loader_class = ResumableDataLoader if train else DataLoader
-        return loader_class(
+    def _loader(self, split: str) -> DataLoader:
+        dataset, train = self.datasets[split], split == "train"
+        sampler = None
+        if train and self.shuffle != "none":
+            by_batch = self.shuffle == "official" and self.shuffle_unit == "batch"
+            sampler = ShuffleSampler(
+                len(dataset),
+                self.seed,
+                self.shuffle_buffer if self.shuffle == "official" else None,
+                block=self.batch_size if by_batch else 1,
+                permute_first=by_batch,
+            )
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
-            batch_size=batch_size,
-            drop_last=drop_last,
-            sampler=self._sampler(len(dataset)) if train else None,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            drop_last=train or self.drop_last_eval,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", self.batch_size, drop_last=True, train=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.eval_batch_size, self.drop_last_eval, train=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", self.eval_batch_size, self.drop_last_eval, train=False)
+        return self._loader("test")
 
     def describe(self) -> dict[str, Any]:
-        """What the run summary records about the data."""
-        sizes = {split: len(ds) for split, ds in self.datasets.items()}
-        # Per-class counts of the examples each split actually serves, so reports can print the
-        # majority-class rate of the very examples that were scored.
-        class_counts = {
-            split: np.bincount(
-                np.asarray(ds.arrays["labels"])[ds.indices], minlength=self.num_classes
-            ).tolist()
-            for split, ds in self.datasets.items()
-        }
+        """What the run summary records about the data; class counts are of the examples each split serves,
+        so reports can print the majority-class rate of the very examples that were scored."""
         return {
             "task": self.task_name,
             "source": self.source,
             "seq_len": self.seq_len,
-            "sizes": sizes,
+            "sizes": {split: len(ds) for split, ds in self.datasets.items()},
             "num_classes": self.num_classes,
-            "class_counts": class_counts,
+            "class_counts": {
+                split: np.bincount(
+                    np.asarray(ds.arrays["labels"])[ds.indices], minlength=self.num_classes
+                ).tolist()
+                for split, ds in self.datasets.items()
+            },
             "cache_dir": str(self.cache_dir),
         }
-
-
-def missing_data_error(task: str, path: Path, expected: str, how_to_get: str) -> MissingDataError:
-    """The error for absent data: where we looked, what we expected there, and how to get it."""
-    return MissingDataError(f"{task}: no data at {path}\n  expected: {expected}\n  to fix: {how_to_get}")

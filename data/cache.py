@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 from lra.errors import CacheError, DataDirError
 
 DATA_DIR_ENV = "LRA_DATA_DIR"
+ArraySplits = dict[str, dict[str, np.ndarray]]
 
 
 def data_root() -> Path:
@@ -27,8 +28,7 @@ def data_root() -> Path:
 
 def params_key(params: Mapping[str, Any]) -> str:
     """A short stable hash of the parameters that determine a cached artefact."""
-    text = json.dumps(params, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def ensure_writable(directory: Path) -> None:
@@ -45,9 +45,8 @@ def ensure_writable(directory: Path) -> None:
 
 
 def temporary_sibling(path: Path, prefix: str | None = None) -> Path:
-    """A fresh hidden name beside ``path`` for building it before a rename (same filesystem, so the rename is
-    atomic). Unlike ``tempfile`` it creates nothing, so what is made there gets the usual umask permissions
-    and stays readable by whoever may read ``path``."""
+    """A fresh hidden name beside ``path`` to build it in before an atomic rename. Unlike ``tempfile`` it
+    creates nothing, so what is made there gets the usual umask permissions."""
     stem = prefix if prefix is not None else f".{path.name}.tmp-"
     return path.parent / f"{stem}{os.getpid()}-{secrets.token_hex(4)}"
 
@@ -55,10 +54,8 @@ def temporary_sibling(path: Path, prefix: str | None = None) -> Path:
 def atomic_directory(final: Path, build: Callable[[Path], None]) -> Path:
     """Build a directory in a temporary sibling and rename it into place when complete.
 
-    A lock beside ``final`` keeps two processes from building the same thing at once; the second waits and
-    then reuses the first one's result. A failed or killed build leaves only a ``.tmp-*`` folder that the next
-    build removes (the lock is an OS lock, released when its holder dies, so a leftover ``.lock`` file is
-    harmless).
+    A lock beside ``final`` makes a second process wait and reuse the first one's result. A killed build
+    leaves a ``.tmp-*`` folder that the next build removes (the OS lock dies with its holder).
     """
     if final.is_dir():
         return final
@@ -100,15 +97,11 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-ArraySplits = dict[str, dict[str, np.ndarray]]
-
-
 def cached_arrays(directory: Path, build: Callable[[], ArraySplits]) -> ArraySplits:
     """Load ``{split: {name: array}}`` from ``directory``, building and saving it first if absent.
 
-    Arrays are stored as ``<split>.<name>.npy`` and loaded memory-mapped, so a second run starts at once.
-    The ``COMPLETE`` marker lists every array file; a cache missing one, or holding a damaged one, raises
-    naming the file and saying to delete the cache.
+    Arrays are stored as ``<split>.<name>.npy`` and memory-mapped. The ``COMPLETE`` marker lists them all; a
+    missing or damaged one raises naming the file and saying to delete the cache.
     """
 
     def write(tmp: Path) -> None:
@@ -132,9 +125,8 @@ def cached_arrays(directory: Path, build: Callable[[], ArraySplits]) -> ArraySpl
         contents = {
             s: [f.name[len(s) + 1 : -4] for f in sorted(directory.glob(f"{s}.*.npy"))] for s in contents
         }
-    loaded: ArraySplits = {}
+    loaded: ArraySplits = {split: {} for split in contents}
     for split, names in contents.items():
-        loaded[split] = {}
         for name in names:
             file = directory / f"{split}.{name}.npy"
             try:

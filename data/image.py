@@ -15,29 +15,20 @@ import io
 import os
 import pickle
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data.base import LRADataModule
+from data.base import LRADataModule, check_choice, map_in_processes
 from data.cache import ArraySplits
-from data.sources import (
-    SHARED_DATA,
-    LocatedSource,
-    check_sizes,
-    load_parquet_or_hub,
-    quiet_datasets,
-    scratch_dir,
-)
+from data.sources import SHARED_DATA, LocatedSource
 from lra.errors import ConfigError, DataError
 
 CIFAR_HUB = "uoft-cs/cifar10"
 DEFAULT_PARQUET_DIR = SHARED_DATA / "cifar10"
 SIDE = 32
 SEQ_LEN = SIDE * SIDE
-OFFICIAL_SIZES = {"train": 50_000, "test": 10_000}
 NUM_VAL = 5_000
 VAL_SPLITS = ("seeded", "contiguous")
 GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], dtype=np.float32)
@@ -48,13 +39,7 @@ BIN_BATCHES = {split: [f"{name}.bin" for name in names] for split, names in PY_B
 
 
 def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
-    """TensorFlow's ``rgb_to_grayscale`` on uint8 pixels, computed in float32 as TF does.
-
-    Args:
-        rgb: ``[..., 3]`` uint8.
-    Returns:
-        ``[...]`` uint8.
-    """
+    """TensorFlow's ``rgb_to_grayscale`` on uint8 pixels ``[..., 3]``, computed in float32 as TF does."""
     if rgb.dtype != np.uint8 or rgb.shape[-1] != 3:
         raise ValueError(f"expected uint8 pixels [..., 3], got {rgb.dtype} {list(rgb.shape)}")
     unit = rgb.astype(np.float32) * np.float32(1 / 255)
@@ -63,10 +48,11 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
     return (gray * np.float32(255.5)).astype(np.uint8)
 
 
-def decode_images(encoded: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
-    """Decode image files (JPEG/PNG bytes) to ``[N, 32, 32, 3]`` uint8 RGB; ``names`` label errors."""
+def _decode_images(job: tuple[Sequence[bytes], Sequence[str]]) -> np.ndarray:
+    """Image files (JPEG/PNG bytes) to ``[N, 32, 32, 3]`` uint8 RGB; the names label errors."""
     from PIL import Image
 
+    encoded, names = job
     rgb = np.empty((len(encoded), SIDE, SIDE, 3), dtype=np.uint8)
     for row, (data, name) in enumerate(zip(encoded, names, strict=True)):
         try:
@@ -84,25 +70,20 @@ def decode_images(encoded: Sequence[bytes], names: Sequence[str]) -> np.ndarray:
 def decode_to_tokens(
     encoded: Sequence[bytes], names: Sequence[str] | None = None, num_proc: int = 1, chunk: int = 2_000
 ) -> np.ndarray:
-    """Image files to flattened grayscale tokens ``[N, 1024]`` uint8, decoded in ``num_proc`` processes.
-
-    ``names`` (default ``row <i>``) say which image failed in an error.
-    """
+    """Image files to flattened grayscale tokens ``[N, 1024]`` uint8, decoded in ``num_proc`` processes;
+    ``names`` (default ``row <i>``) say which image failed in an error."""
     names = [f"row {row}" for row in range(len(encoded))] if names is None else names
-    starts = range(0, len(encoded), chunk)
-    chunks = [encoded[start : start + chunk] for start in starts]
-    name_chunks = [names[start : start + chunk] for start in starts]
-    if num_proc > 1 and len(chunks) > 1:
-        with ProcessPoolExecutor(min(num_proc, len(chunks))) as pool:
-            decoded = list(pool.map(decode_images, chunks, name_chunks))
-    else:
-        decoded = list(map(decode_images, chunks, name_chunks))
+    jobs = [
+        (encoded[start : start + chunk], names[start : start + chunk])
+        for start in range(0, len(encoded), chunk)
+    ]
+    decoded = list(map_in_processes(_decode_images, jobs, num_proc))
     rgb = np.concatenate(decoded) if decoded else np.empty((0, SIDE, SIDE, 3), dtype=np.uint8)
     return rgb_to_gray(rgb).reshape(len(rgb), SEQ_LEN)
 
 
 def read_cifar_release(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """The official CIFAR-10 python or binary batches: RGB ``[N, 32, 32, 3]`` uint8 and labels ``[N]``."""
+    """The official CIFAR-10 python or binary batches: tokens ``[N, 1024]`` uint8 and labels ``[N]``."""
     planes, labels = [], []
     if all((folder / name).is_file() for name in PY_BATCHES[split]):
         for name in PY_BATCHES[split]:
@@ -116,14 +97,7 @@ def read_cifar_release(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray
             labels.append(records[:, 0].astype(np.int64))
             planes.append(records[:, 1:])
     rgb = np.concatenate(planes).reshape(-1, 3, SIDE, SIDE).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(rgb), np.concatenate(labels)
-
-
-def is_cifar_release(folder: Path) -> bool:
-    return any(
-        all((folder / name).is_file() for names in batches.values() for name in names)
-        for batches in (PY_BATCHES, BIN_BATCHES)
-    )
+    return rgb_to_gray(np.ascontiguousarray(rgb)).reshape(-1, SEQ_LEN), np.concatenate(labels)
 
 
 class ImageDataModule(LocatedSource, LRADataModule):
@@ -146,7 +120,7 @@ class ImageDataModule(LocatedSource, LRADataModule):
     vocab_size = 256
     num_classes = 10
     default_dir = DEFAULT_PARQUET_DIR
-    is_release = staticmethod(is_cifar_release)
+    official_sizes = {"train": 50_000, "test": 10_000}
     expected = (
         "train/test parquet files with columns img and label, or the CIFAR-10 batches "
         "(data_batch_1..5 and test_batch, python or .bin)"
@@ -173,8 +147,7 @@ class ImageDataModule(LocatedSource, LRADataModule):
                 f"data.seq_len={self.seq_len}: CIFAR-10 images are {SIDE}x{SIDE} = {SEQ_LEN} "
                 f"pixels; leave seq_len at {SEQ_LEN}"
             )
-        if val_split not in VAL_SPLITS:
-            raise ConfigError(f"data.val_split={val_split!r} is not one of {VAL_SPLITS}")
+        check_choice("val_split", val_split, VAL_SPLITS)
         self.set_source(data_dir, source, hub_name)
         self.val_split = val_split
         self.split_seed = split_seed
@@ -188,53 +161,38 @@ class ImageDataModule(LocatedSource, LRADataModule):
             "gray": "tf_rgb_to_grayscale",
         }
 
-    def read_tokens(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """``{split: (tokens [N, 1024] uint8, labels [N] int64)}`` for train and test."""
-        source, folder = self.located
-        if source == "release":
-            splits = {split: read_cifar_release(folder, split) for split in ("train", "test")}
-            return {
-                split: (rgb_to_gray(rgb).reshape(len(rgb), SEQ_LEN), labels)
-                for split, (rgb, labels) in splits.items()
-            }
+    @staticmethod
+    def is_release(folder: Path) -> bool:
+        return any(
+            all((folder / name).is_file() for names in batches.values() for name in names)
+            for batches in (PY_BATCHES, BIN_BATCHES)
+        )
+
+    def dataset_tokens(self, rows: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and labels of one split of the parquet/hub dataset."""
         from datasets import Image
 
-        tokens = {}
-        with quiet_datasets(), scratch_dir(self.root) as scratch:
-            dataset = load_parquet_or_hub("image", source, folder, self.hub_name, scratch)
-            for split in ("train", "test"):
-                # Undecoded, so the files go to our decoder as bytes rather than one PIL object per row.
-                files = dataset[split].cast_column("img", Image(decode=False))["img"]
-                encoded = [file["bytes"] or Path(file["path"]).read_bytes() for file in files]
-                names = [
-                    f"{split} row {row}" + (f" ({file['path']})" if file["path"] else "")
-                    for row, file in enumerate(files)
-                ]
-                tokens[split] = (
-                    decode_to_tokens(encoded, names, self.num_proc),
-                    np.asarray(dataset[split]["label"], dtype=np.int64),
-                )
-        return tokens
+        # Undecoded, so the files go to our decoder as bytes rather than one PIL object per row.
+        files = rows.cast_column("img", Image(decode=False))["img"]
+        encoded = [file["bytes"] or Path(file["path"]).read_bytes() for file in files]
+        names = [
+            f"{split} row {row}" + (f" ({file['path']})" if file["path"] else "")
+            for row, file in enumerate(files)
+        ]
+        return decode_to_tokens(encoded, names, self.num_proc), np.asarray(rows["label"], dtype=np.int64)
 
     def build_arrays(self) -> ArraySplits:
-        tokens = self.read_tokens()
-        check_sizes(
-            "image",
-            self.source,
-            {split: len(labels) for split, (_, labels) in tokens.items()},
-            OFFICIAL_SIZES,
-        )
+        tokens = self.read_splits(read_cifar_release, self.dataset_tokens)
         arrays = {
             split: {"input_ids": ids, "lengths": np.full(len(ids), SEQ_LEN, dtype=np.int32), "labels": labels}
             for split, (ids, labels) in tokens.items()
         }
-        num_train = len(arrays["train"]["labels"])
-        num_val = round(num_train * NUM_VAL / OFFICIAL_SIZES["train"])
-        if self.val_split == "seeded":
-            order = np.random.default_rng(self.split_seed).permutation(num_train)
-        else:
-            order = np.arange(num_train)
-        train = arrays["train"]
+        train, num_train = arrays["train"], len(arrays["train"]["labels"])
+        num_val = round(num_train * NUM_VAL / self.official_sizes["train"])
+        seeded = self.val_split == "seeded"
+        order = (
+            np.random.default_rng(self.split_seed).permutation(num_train) if seeded else np.arange(num_train)
+        )
         return {
             "train": {name: array[order[: num_train - num_val]] for name, array in train.items()},
             "val": {name: array[order[num_train - num_val :]] for name, array in train.items()},

@@ -43,23 +43,14 @@ def generate_tree(rng: random.Random, depth: int = 1, max_depth: int = 10, max_a
 
 def tree_length(tree: Tree) -> int:
     """Tokens after tokenisation: one per leaf, two per operator (its name and the closing X)."""
-    if isinstance(tree, int):
-        return 1
-    return 2 + sum(tree_length(child) for child in tree[1])
+    return 1 if isinstance(tree, int) else 2 + sum(map(tree_length, tree[1]))
+
+
+APPLY = {"[MIN": min, "[MAX": max, "[MED": lambda v: int(np.median(v)), "[SM": lambda v: sum(v) % 10}
 
 
 def evaluate(tree: Tree) -> int:
-    if isinstance(tree, int):
-        return tree
-    operator, children = tree
-    values = [evaluate(child) for child in children]
-    if operator == "[MIN":
-        return min(values)
-    if operator == "[MAX":
-        return max(values)
-    if operator == "[MED":
-        return int(np.median(values))
-    return sum(values) % 10
+    return tree if isinstance(tree, int) else APPLY[tree[0]]([evaluate(child) for child in tree[1]])
 
 
 def serialise(tree: Tree) -> str:
@@ -87,13 +78,9 @@ def generate_listops(
     examples: list[tuple[str, int]] = []
     while len(examples) < num_examples:
         tree = generate_tree(rng, max_depth=max_depth, max_args=max_args)
-        if not min_length < tree_length(tree) < max_length:
-            continue
-        source = serialise(tree)
-        if source in seen:
-            continue
-        seen.add(source)
-        examples.append((source, evaluate(tree)))
+        if min_length < tree_length(tree) < max_length and (source := serialise(tree)) not in seen:
+            seen.add(source)
+            examples.append((source, evaluate(tree)))
     return examples
 
 
@@ -145,32 +132,21 @@ def encode(examples: list[tuple[str, int]], seq_len: int) -> dict[str, np.ndarra
     return {"input_ids": ids, "lengths": lengths, "labels": labels}
 
 
-def generated_listops_dir(
-    root: Path, num_train: int, num_val: int, num_test: int, seed: int, min_length: int, max_length: int
-) -> Path:
-    """Generate (once) a ListOps set in the official layout under ``root/listops`` and return its folder."""
-    params = {
-        "num_train": num_train,
-        "num_val": num_val,
-        "num_test": num_test,
-        "seed": seed,
-        "min_length": min_length,
-        "max_length": max_length,
-    }
-    folder = root / "listops" / f"generated-{params_key(params)}"
+def generated_listops_dir(root: Path, params: dict[str, int]) -> Path:
+    """Generate (once) a ListOps set in the official layout under ``root/listops`` and return its folder.
+
+    ``params``: ``num_train``, ``num_val``, ``num_test``, ``seed``, ``min_length``, ``max_length``.
+    """
 
     def build(tmp: Path) -> None:
-        examples = generate_listops(num_train + num_val + num_test, seed, min_length, max_length)
-        parts = {
-            "train": examples[:num_train],
-            "val": examples[num_train : num_train + num_val],
-            "test": examples[num_train + num_val :],
-        }
-        for split, rows in parts.items():
-            write_listops_tsv(tmp / FILES[split], rows)
+        sizes = [params["num_train"], params["num_val"], params["num_test"]]
+        examples = generate_listops(sum(sizes), params["seed"], params["min_length"], params["max_length"])
+        ends = np.cumsum([0, *sizes])
+        for split, start, stop in zip(FILES, ends[:-1], ends[1:], strict=True):
+            write_listops_tsv(tmp / FILES[split], examples[start:stop])
         (tmp / "PARAMS").write_text(repr(params) + "\n")
 
-    return atomic_directory(folder, build)
+    return atomic_directory(root / "listops" / f"generated-{params_key(params)}", build)
 
 
 class ListOpsDataModule(LRADataModule):
@@ -221,7 +197,7 @@ class ListOpsDataModule(LRADataModule):
 
     def tsv_dir(self) -> Path:
         if self.data_dir is None:
-            return generated_listops_dir(self.root, **self.generator)
+            return generated_listops_dir(self.root, self.generator)
         missing = [name for name in FILES.values() if not (self.data_dir / name).is_file()]
         if missing:
             raise missing_data_error(

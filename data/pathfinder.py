@@ -14,16 +14,14 @@ drawing code is loaded only then.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
 
-from data.base import LRADataModule, missing_data_error
+from data.base import SPLITS, LRADataModule, check_choice, map_in_processes, missing_data_error
 from data.cache import ArraySplits
 from lra.errors import ConfigError, DataError, MissingDataError
 
@@ -37,18 +35,10 @@ DIFFICULTY_DIRS = {
     "hard": "curv_contour_length_14",
 }
 SPLIT_MODES = ("seeded", "contiguous")
+# The space-separated fields of one metadata line.
 METADATA_FIELDS = (
-    "subdir",
-    "filename",
-    "index",
-    "label",
-    "continuity",
-    "contour_length",
-    "distractor_length",
-    "paddle_length",
-    "paddle_thickness",
-    "paddle_margin",
-    "n_paddle_contrasts",
+    "subdir filename index label continuity contour_length distractor_length paddle_length paddle_thickness "
+    "paddle_margin n_paddle_contrasts"
 )
 NPY_MAGIC = b"\x93NUMPY"
 RELEASE_LAYOUT = (
@@ -62,26 +52,7 @@ HOW_TO_GET_RELEASE = (
     "or leave task.data_dir=null to generate the data with the official distribution"
 )
 
-Job = TypeVar("Job")
-Result = TypeVar("Result")
 
-
-def map_in_processes(
-    function: Callable[[Job], Result], jobs: Sequence[Job], workers: int | None
-) -> Iterator[Result]:
-    """``function`` over ``jobs``, results in job order, in ``workers`` forked processes (None or 0: every
-    core; never more than there are jobs); with one process the jobs run here."""
-    processes = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    if processes == 1:
-        yield from map(function, jobs)
-        return
-    with multiprocessing.get_context("fork").Pool(processes) as pool:
-        yield from pool.imap(function, jobs)
-
-
-# ------------------------------------------------------------------------------------------------------
-# The release layout
-# ------------------------------------------------------------------------------------------------------
 def write_metadata(path: Path, rows: Iterable[Sequence[str]]) -> None:
     """The release's text format: one space-separated line per image, newline-terminated."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,20 +60,15 @@ def write_metadata(path: Path, rows: Iterable[Sequence[str]]) -> None:
 
 
 def read_metadata(path: Path) -> list[list[str]]:
-    """Rows of one metadata file: the release's text format, or a binary ``.npy`` array of the same rows.
-
-    A malformed line raises naming the file and the line.
-    """
+    """Rows of one metadata file, in the release's text format or a binary ``.npy`` array; a malformed line
+    raises naming the file and the line."""
     raw = path.read_bytes()
     if raw.startswith(NPY_MAGIC):
         try:
-            array = np.load(path, allow_pickle=False)
+            array = np.atleast_2d(np.load(path, allow_pickle=False))
         except ValueError as err:
             raise DataError(f"{path}: unreadable binary metadata ({err})") from err
-        lines = [
-            (row + 1, [str(value) for value in np.atleast_1d(entry)])
-            for row, entry in enumerate(np.atleast_2d(array))
-        ]
+        lines = [(row + 1, [str(value) for value in entry]) for row, entry in enumerate(array)]
     else:
         lines = [
             (number, line.split())
@@ -111,10 +77,10 @@ def read_metadata(path: Path) -> list[list[str]]:
         ]
     rows = []
     for number, fields in lines:
-        if len(fields) != len(METADATA_FIELDS):
+        if len(fields) != len(METADATA_FIELDS.split()):
             raise DataError(
-                f"{path}:{number}: expected {len(METADATA_FIELDS)} space-separated fields "
-                f"({' '.join(METADATA_FIELDS)}), got {len(fields)}: {' '.join(fields)!r}"
+                f"{path}:{number}: expected {len(METADATA_FIELDS.split())} space-separated fields "
+                f"({METADATA_FIELDS}), got {len(fields)}: {' '.join(fields)!r}"
             )
         if fields[3] not in ("0", "1"):
             raise DataError(f"{path}:{number}: label (field 4) must be 0 or 1, got {fields[3]!r}")
@@ -122,14 +88,12 @@ def read_metadata(path: Path) -> list[list[str]]:
     return rows
 
 
-def _batch_order(path: Path) -> tuple[int, int | str]:
-    return (0, int(path.stem)) if path.stem.isdigit() else (1, path.stem)
-
-
 def list_examples(folder: Path, task: str = "pathfinder") -> tuple[list[Path], list[int]]:
     """Image paths and labels of one difficulty folder, in batch and line order; empty images are skipped."""
     metadata_dir = folder / "metadata"
-    files = sorted(metadata_dir.glob("*.npy"), key=_batch_order) if metadata_dir.is_dir() else []
+    files = metadata_dir.glob("*.npy") if metadata_dir.is_dir() else []
+    # Batches in numeric order (0, 2, 10), then any other names.
+    files = sorted(files, key=lambda path: (0, int(path.stem)) if path.stem.isdigit() else (1, path.stem))
     if not files:
         raise missing_data_error(task, folder, RELEASE_LAYOUT, HOW_TO_GET_RELEASE)
     paths, labels, empty = [], [], []
@@ -189,24 +153,6 @@ def decode_pngs(
     return out
 
 
-# ------------------------------------------------------------------------------------------------------
-# DataModules
-# ------------------------------------------------------------------------------------------------------
-def split_indices(num_examples: int, mode: str, seed: int) -> dict[str, np.ndarray]:
-    """80/10/10 of the examples, after a seeded permutation (``seeded``) or in file order (``contiguous``)."""
-    if mode not in SPLIT_MODES:
-        raise ConfigError(f"data.split={mode!r} is not one of {SPLIT_MODES}")
-    order = (
-        np.random.default_rng(seed).permutation(num_examples) if mode == "seeded" else np.arange(num_examples)
-    )
-    num_train, num_val = int(0.8 * num_examples), int(0.1 * num_examples)
-    return {
-        "train": order[:num_train],
-        "val": order[num_train : num_train + num_val],
-        "test": order[num_train + num_val :],
-    }
-
-
 class PathfinderDataModule(LRADataModule):
     """Pathfinder from the LRA release (``data_dir``) or from our generator (cached, seeded).
 
@@ -249,10 +195,8 @@ class PathfinderDataModule(LRADataModule):
                 f"data.seq_len={self.seq_len} does not match data.resolution={resolution} "
                 f"({resolution}x{resolution} = {resolution * resolution} pixels)"
             )
-        if difficulty not in (*DIFFICULTIES, "all"):
-            raise ConfigError(f"data.difficulty={difficulty!r} is not one of {(*DIFFICULTIES, 'all')}")
-        if split not in SPLIT_MODES:
-            raise ConfigError(f"data.split={split!r} is not one of {SPLIT_MODES}")
+        check_choice("difficulty", difficulty, (*DIFFICULTIES, "all"))
+        check_choice("split", split, SPLIT_MODES)
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
         self.resolution = resolution
         self.difficulty = difficulty
@@ -269,17 +213,8 @@ class PathfinderDataModule(LRADataModule):
     def source(self) -> str:
         return "release" if self.data_dir else "generated"
 
-    @property
-    def difficulties(self) -> list[str]:
-        return list(DIFFICULTIES) if self.difficulty == "all" else [self.difficulty]
-
     def cache_params(self) -> dict[str, Any]:
-        common = {
-            "resolution": self.resolution,
-            "difficulty": self.difficulty,
-            "split": self.split,
-            "split_seed": self.split_seed,
-        }
+        common = {key: getattr(self, key) for key in ("resolution", "difficulty", "split", "split_seed")}
         if self.data_dir:
             return {"data_dir": str(self.data_dir.resolve()), **common}
         from data.pathfinder_generator import GENERATOR_VERSION
@@ -291,11 +226,12 @@ class PathfinderDataModule(LRADataModule):
         if self.data_dir is None:
             from data.pathfinder_generator import generated_pathfinder_dir
 
+            difficulties = DIFFICULTIES if self.difficulty == "all" else [self.difficulty]
             return [
                 generated_pathfinder_dir(
-                    self.root, self.resolution, difficulty, workers=self.workers, **self.generator
+                    self.root, self.resolution, name, workers=self.workers, **self.generator
                 )
-                for difficulty in self.difficulties
+                for name in difficulties
             ]
         if not self.data_dir.is_dir():
             raise missing_data_error(self.task_name, self.data_dir, RELEASE_LAYOUT, HOW_TO_GET_RELEASE)
@@ -310,23 +246,24 @@ class PathfinderDataModule(LRADataModule):
             folder_paths, folder_labels = list_examples(folder, self.task_name)
             paths += folder_paths
             labels += folder_labels
-        label_array = np.asarray(labels, dtype=np.int64)
+        # 80/10/10, after a seeded permutation or in file order.
+        count = len(paths)
+        seeded = self.split == "seeded"
+        order = np.random.default_rng(self.split_seed).permutation(count) if seeded else np.arange(count)
+        num_train, num_val = int(0.8 * count), int(0.1 * count)
         splits: ArraySplits = {}
-        for split, rows in split_indices(len(paths), self.split, self.split_seed).items():
-            ids = decode_pngs([paths[i] for i in rows], self.resolution, self.workers)
+        for split, rows in zip(SPLITS, np.split(order, [num_train, num_train + num_val]), strict=True):
             splits[split] = {
-                "input_ids": ids,
+                "input_ids": decode_pngs([paths[i] for i in rows], self.resolution, self.workers),
                 "lengths": np.full(len(rows), self.seq_len, dtype=np.int32),
-                "labels": label_array[rows],
+                "labels": np.asarray(labels, dtype=np.int64)[rows],
             }
         return splits
 
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
-            "resolution": self.resolution,
-            "difficulty": self.difficulty,
-            "split": self.split,
+            **{key: getattr(self, key) for key in ("resolution", "difficulty", "split")},
         }
 
 
@@ -335,18 +272,3 @@ class PathXDataModule(PathfinderDataModule):
 
     task_name: ClassVar[str] = "pathx"
     default_resolution: ClassVar[int] = 128
-
-
-__all__ = [
-    "DIFFICULTIES",
-    "DIFFICULTY_DIRS",
-    "PathXDataModule",
-    "PathfinderDataModule",
-    "decode_png",
-    "decode_pngs",
-    "list_examples",
-    "map_in_processes",
-    "read_metadata",
-    "split_indices",
-    "write_metadata",
-]

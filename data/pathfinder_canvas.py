@@ -23,14 +23,11 @@ MARKER_INTENSITY = 1.0
 
 @dataclass(frozen=True)
 class PathfinderParams:
-    """Everything that shapes one generated image; lengths are in output pixels.
+    """Everything that shapes one generated image; lengths are in output pixels (``pathfinder_params``).
 
-    ``num_distractor_snakes`` follows the released settings: at 32 px ``20 // distractor_length``, at 64
-    and 128 px ``ceil(budget / (contour_length / 3))`` with budgets 22 and 35, for every difficulty.
     ``extra_clearance``, ``check_threshold`` (canvas intensity) and ``check_slack`` are ours (see
     ``data/pathfinder_generator.py``); the slack sits inside the window measured on the render: label-1
-    markers join at ``2 * margin + 0.25`` or less, label-0 markers stay apart up to ``2 * margin + 0.875``
-    or more.
+    markers join at ``2 * margin + 0.25`` or less, label-0 ones stay apart at ``2 * margin + 0.875`` or more.
     """
 
     resolution: int
@@ -182,9 +179,8 @@ class Scene:
             return ok
         need_sq = self._need_sq(close, owner)
         need_sq[self.point_paddle[close] == previous] = -1.0
-        local = offset[close][None, :] * np.conj(units)[:, None]
-        beyond = np.maximum(np.maximum(a - local.real, local.real - b), 0.0)
-        return ok & (beyond * beyond + local.imag * local.imag >= need_sq).all(axis=1)
+        dist_sq = distance_sq(self.points[close], np.full(units.shape, pivot), units, a, b)
+        return ok & (dist_sq >= need_sq).all(axis=1)
 
 
 @dataclass
@@ -248,14 +244,9 @@ def paint(
     intensities: np.ndarray,
     discs: Sequence[tuple[float, float, float]],
 ) -> np.ndarray:
-    """The antialiasing canvas: paddles and markers as box-filtered coverage at ``antialias_scale``x.
-
-    Args:
-        segments: ``[S, 4]`` paddle centre lines in output pixels; ``intensities``: ``[S]``.
-        discs: ``(x, y, radius)`` markers, painted at ``MARKER_INTENSITY``.
-    Returns:
-        ``[res * scale, res * scale]`` float64; overlapping strokes take the maximum.
-    """
+    """The antialiasing canvas ``[res * scale] ** 2``: paddles (``[S, 4]`` centre lines in output pixels, with
+    ``intensities``) and ``(x, y, radius)`` marker discs as box-filtered coverage at ``antialias_scale``x;
+    overlapping strokes take the maximum."""
     scale = params.antialias_scale
     size = params.resolution * scale
     canvas = np.zeros((size, size))
@@ -298,15 +289,9 @@ def _disc(radius: float) -> np.ndarray:
 def markers_connected(
     canvas: np.ndarray, markers: Sequence[tuple[float, float]], scale: int, threshold: float, bridge: float
 ) -> bool:
-    """Whether the two markers are joined in the rendered canvas, counting gaps up to ``bridge`` as joined.
-
-    The canvas pixels ``>= threshold`` are grown by ``bridge / 2`` (output pixels) and labelled with
-    8-connectivity; the markers are joined when their centres fall in one component.
-
-    Args:
-        canvas: ``[res * scale, res * scale]`` render before downsampling; markers: two ``(x, y)`` centres in
-            output pixels.
-    """
+    """Whether the two markers (``(x, y)`` centres in output pixels) are joined in the canvas, counting gaps
+    up to ``bridge`` as joined: the pixels ``>= threshold`` are grown by ``bridge / 2`` and labelled with
+    8-connectivity, and the markers are joined when their centres fall in one component."""
     ink = canvas >= threshold
     grown = ndimage.binary_dilation(ink, structure=_disc(bridge * scale / 2)) if bridge > 0 else ink
     labels, _ = ndimage.label(grown, structure=np.ones((3, 3)))

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from data.base import map_in_processes
 from data.cache import atomic_directory, params_key
-from data.pathfinder import DIFFICULTIES, DIFFICULTY_DIRS, map_in_processes, write_metadata
+from data.pathfinder import DIFFICULTIES, DIFFICULTY_DIRS, write_metadata
 from data.pathfinder_canvas import (
     Grower,
     PaddlePath,
@@ -74,28 +75,20 @@ def pathfinder_params(resolution: int = 32, difficulty: str = "hard", **override
         raise ConfigError(f"pathfinder difficulty {difficulty!r} is not one of {sorted(DIFFICULTIES)}")
     style = dict(zip(_STYLE_FIELDS, _STYLES[resolution], strict=True))
     budget = style.pop("budget")
-    contour_length = DIFFICULTIES[difficulty]
-    distractor_length = contour_length // 3
-    if resolution == 32:
-        num_distractors = budget // distractor_length
-    else:
-        num_distractors = math.ceil(budget / (contour_length / 3))
+    length = DIFFICULTIES[difficulty]
+    distractors = budget // (length // 3) if resolution == 32 else math.ceil(budget / (length / 3))
     params = dict(
         resolution=resolution,
-        contour_length=contour_length,
-        distractor_length=distractor_length,
-        num_distractor_snakes=num_distractors,
+        contour_length=length,
+        distractor_length=length // 3,
+        num_distractor_snakes=distractors,
         padding=1,
         antialias_scale=2,
         **style,
     )
-    params.update(overrides)
-    return PathfinderParams(**params)
+    return PathfinderParams(**(params | overrides))
 
 
-# ------------------------------------------------------------------------------------------------------
-# One image
-# ------------------------------------------------------------------------------------------------------
 def _draw_targets(
     params: PathfinderParams, grower: Grower, scene: Scene
 ) -> tuple[PaddlePath, PaddlePath] | None:
@@ -160,8 +153,6 @@ class Sample:
     label: int
     markers: tuple[tuple[float, float], tuple[float, float]]  # (x, y) centres in output pixels
     margin: float
-    num_distractors: int
-    attempts: int = 1
 
 
 def sample_seed(seed: int, params: PathfinderParams, batch: int, index: int) -> np.random.SeedSequence:
@@ -185,30 +176,25 @@ def draw_image(params: PathfinderParams, rng: np.random.Generator, label: int) -
         return None
     for centre, _ in markers:
         scene.add_disc(centre, params.marker_radius)
-    placed = sum(
-        _draw_distractor(params, grower, scene, owner=2 + i) for i in range(params.num_distractor_snakes)
-    )
+    for owner in range(2, 2 + params.num_distractor_snakes):
+        _draw_distractor(params, grower, scene, owner)
     canvas = paint(params, scene.segments(), scene.intensity[: scene.count], scene.discs)
     centres = tuple((centre.real, centre.imag) for centre, _ in markers)
-    return Sample(downsample(canvas, params.resolution), canvas, label, centres, margin, placed)
+    return Sample(downsample(canvas, params.resolution), canvas, label, centres, margin)
 
 
 def generate_sample(params: PathfinderParams, rng: np.random.Generator) -> Sample:
     """Draw one image; redraw until the check agrees with the label (``markers_connected`` on the canvas)."""
     label = int(rng.integers(2))
-    for attempt in range(1, params.max_attempts + 1):
+    for _ in range(params.max_attempts):
         sample = draw_image(params, rng, label)
-        if sample is None:
-            continue
-        joined = markers_connected(
+        if sample is not None and markers_connected(
             sample.canvas,
             sample.markers,
             params.antialias_scale,
             params.check_threshold,
             2 * sample.margin + params.check_slack,
-        )
-        if joined == bool(label):
-            sample.attempts = attempt
+        ) == bool(label):
             return sample
     raise RuntimeError(
         f"pathfinder generator: no valid image after {params.max_attempts} attempts at "
@@ -217,28 +203,15 @@ def generate_sample(params: PathfinderParams, rng: np.random.Generator) -> Sampl
     )
 
 
-# ------------------------------------------------------------------------------------------------------
-# Writing the release layout
-# ------------------------------------------------------------------------------------------------------
 def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
 def metadata_row(params: PathfinderParams, batch: int, index: int, label: int, margin: float) -> list[str]:
     """The 11 metadata fields of one image, as the release writes them."""
-    return [
-        f"imgs/{batch}",
-        f"sample_{index}.png",
-        str(index),
-        str(label),
-        _number(params.continuity),
-        str(params.contour_length),
-        str(params.distractor_length),
-        _number(params.paddle_length),
-        _number(params.paddle_thickness),
-        _number(margin),
-        str(len(params.paddle_contrasts)),
-    ]
+    numbers = [params.continuity, params.contour_length, params.distractor_length, params.paddle_length]
+    numbers += [params.paddle_thickness, margin, len(params.paddle_contrasts)]
+    return [f"imgs/{batch}", f"sample_{index}.png", str(index), str(label), *map(_number, numbers)]
 
 
 def _generate_chunk(job: tuple[PathfinderParams, int, int, int, int, str]) -> list[list[str]]:
@@ -285,13 +258,8 @@ def write_pathfinder(
         done += len(rows)
         if done // report != (done - len(rows)) // report or done == num_images:
             elapsed = time.time() - started
-            log.info(
-                "pathfinder: %d/%d images (%.0f s, about %.0f s left)",
-                done,
-                num_images,
-                elapsed,
-                elapsed / done * (num_images - done),
-            )
+            left = elapsed / done * (num_images - done)
+            log.info("pathfinder: %d/%d images (%.0f s, about %.0f s left)", done, num_images, elapsed, left)
     for batch, rows in rows_by_batch.items():
         write_metadata(folder / "metadata" / f"{batch}.npy", rows)
 
@@ -324,20 +292,3 @@ def generated_pathfinder_dir(
         (tmp / "PARAMS").write_text(repr(settings) + "\n")
 
     return atomic_directory(base, build) / relative
-
-
-__all__ = [
-    "GENERATOR_VERSION",
-    "PathfinderParams",
-    "Sample",
-    "downsample",
-    "draw_image",
-    "generate_sample",
-    "generated_pathfinder_dir",
-    "markers_connected",
-    "metadata_row",
-    "paint",
-    "pathfinder_params",
-    "sample_seed",
-    "write_pathfinder",
-]

@@ -18,7 +18,6 @@ import numpy as np
 
 from data.base import LRADataModule, missing_data_error
 from data.cache import ArraySplits
-from data.sources import check_sizes
 from data.text import BYTE_VOCAB, encode_bytes
 from lra.errors import DataError
 
@@ -27,7 +26,6 @@ FILES = {
     "val": "new_aan_pairs.eval.tsv",
     "test": "new_aan_pairs.test.tsv",
 }
-OFFICIAL_SIZES = {"train": 147_086, "val": 18_090, "test": 17_437}
 MAX_DOC_BYTES = 10_000
 NUM_FIELDS = 5
 # Where the files may sit relative to ``data_dir``: the folder itself, or the extracted release above it.
@@ -35,15 +33,8 @@ LAYOUTS = (".", "tsv_data", "lra_release/tsv_data")
 
 
 def read_aan_tsv(path: Path, keep_bytes: int = MAX_DOC_BYTES) -> tuple[list[bytes], list[bytes], np.ndarray]:
-    """Read one AAN pairs file; a malformed line raises naming the file and line.
-
-    Lines are split on tab only (no quote handling) and the text stays bytes, exactly as in the file.
-
-    Args:
-        keep_bytes: leading bytes kept of each text (at most the official 10,000 cut).
-    Returns:
-        ``(text1, text2, labels)`` with labels ``[N]`` int64.
-    """
+    """``(text1, text2, labels [N] int64)`` of one AAN pairs file, each text cut to ``keep_bytes`` (at most
+    the official 10,000); lines are split on tab only, as in the file. A malformed line raises naming it."""
     keep = min(keep_bytes, MAX_DOC_BYTES)
     texts1: list[bytes] = []
     texts2: list[bytes] = []
@@ -72,21 +63,6 @@ def read_aan_tsv(path: Path, keep_bytes: int = MAX_DOC_BYTES) -> tuple[list[byte
     return texts1, texts2, np.array(labels, dtype=np.int64)
 
 
-def encode_pairs(
-    texts1: list[bytes], texts2: list[bytes], labels: np.ndarray, seq_len: int
-) -> dict[str, np.ndarray]:
-    """Both documents as byte ids ``[N, seq_len]`` uint16 with their lengths ``[N]``, plus the labels."""
-    ids, lengths = encode_bytes(texts1, seq_len)
-    ids_2, lengths_2 = encode_bytes(texts2, seq_len)
-    return {
-        "input_ids": ids,
-        "lengths": lengths,
-        "input_ids_2": ids_2,
-        "lengths_2": lengths_2,
-        "labels": labels,
-    }
-
-
 class RetrievalDataModule(LRADataModule):
     """AAN document pairs from the LRA release (there is no substitute; tests use a tiny fixture).
 
@@ -100,6 +76,7 @@ class RetrievalDataModule(LRADataModule):
     vocab_size = BYTE_VOCAB
     num_classes = 2
     dual = True
+    official_sizes = {"train": 147_086, "val": 18_090, "test": 17_437}
 
     def __init__(self, data_dir: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -131,11 +108,13 @@ class RetrievalDataModule(LRADataModule):
         return {"data_dir": str(self.tsv_dir()), "max_doc_bytes": MAX_DOC_BYTES}
 
     def build_arrays(self) -> ArraySplits:
-        folder = self.tsv_dir()
-        splits = {
-            split: encode_pairs(*read_aan_tsv(folder / name, self.seq_len), self.seq_len)
-            for split, name in FILES.items()
-        }
-        sizes = {split: len(arrays["labels"]) for split, arrays in splits.items()}
-        check_sizes("retrieval", self.source, sizes, OFFICIAL_SIZES)
+        folder, splits = self.tsv_dir(), {}
+        for split, name in FILES.items():
+            texts1, texts2, labels = read_aan_tsv(folder / name, self.seq_len)
+            splits[split] = {"labels": labels}
+            for suffix, texts in (("", texts1), ("_2", texts2)):
+                splits[split]["input_ids" + suffix], splits[split]["lengths" + suffix] = encode_bytes(
+                    texts, self.seq_len
+                )
+        self.check_sizes({split: len(arrays["labels"]) for split, arrays in splits.items()})
         return splits

@@ -9,27 +9,18 @@ officially).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data.base import LRADataModule
+from data.base import LRADataModule, check_choice
 from data.cache import ArraySplits
-from data.sources import (
-    SHARED_DATA,
-    LocatedSource,
-    check_sizes,
-    load_parquet_or_hub,
-    quiet_datasets,
-    scratch_dir,
-)
-from lra.errors import ConfigError
+from data.sources import SHARED_DATA, LocatedSource
 
 IMDB_HUB = "stanfordnlp/imdb"
 DEFAULT_PARQUET_DIR = SHARED_DATA / "imdb"
-OFFICIAL_SIZES = {"train": 25_000, "test": 25_000}
 BYTE_VOCAB = 257
 STRIP_MODES = ("ascii", "unicode", "none")
 UNITS = ("bytes", "chars")
@@ -41,53 +32,42 @@ CHAR_OOV_ID = BYTE_VOCAB - 1
 
 def strip_review(raw: bytes, mode: str) -> bytes:
     """``ascii``: strip ASCII whitespace from the bytes (TFDS); ``unicode``: ``str.strip()``; ``none``."""
+    check_choice("strip", mode, STRIP_MODES)
     if mode == "ascii":
         return raw.strip()  # bytes.strip() removes only b" \t\n\r\x0b\x0c"
-    if mode == "unicode":
-        return raw.decode("utf-8").strip().encode("utf-8")
-    if mode == "none":
-        return raw
-    raise ConfigError(f"data.strip={mode!r} is not one of {STRIP_MODES}")
+    return raw.decode("utf-8").strip().encode("utf-8") if mode == "unicode" else raw
 
 
-def pad_ids(sequences: Sequence[np.ndarray], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Truncate each id sequence to ``seq_len`` and right-pad with 0.
-
-    Returns:
-        ids ``[N, seq_len]`` uint16 and lengths ``[N]`` int32.
-    """
-    lengths = np.fromiter((min(len(seq), seq_len) for seq in sequences), dtype=np.int32, count=len(sequences))
-    ids = np.zeros((len(sequences), seq_len), dtype=np.uint16)
-    if lengths.any():
-        # A boolean mask assigns in row-major order, which is the order of the concatenation.
-        ids[np.arange(seq_len) < lengths[:, None]] = np.concatenate([seq[:seq_len] for seq in sequences])
-    return ids, lengths
-
-
-def encode_bytes(docs: Sequence[bytes], seq_len: int, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """Byte-level ids (byte + 1, pad 0): ids ``[N, seq_len]`` uint16, lengths ``[N]`` int32.
-
-    Rows are filled ``chunk`` at a time so that temporaries stay small next to the result (Retrieval's
-    147k x 4000 ids take 1.2 GB).
-    """
-    lengths = np.fromiter((min(len(doc), seq_len) for doc in docs), dtype=np.int32, count=len(docs))
+def pad_ids(
+    docs: Sequence[bytes], seq_len: int, to_ids: Callable[[bytes], np.ndarray], chunk: int = 8192
+) -> tuple[np.ndarray, np.ndarray]:
+    """``to_ids(doc)`` truncated to ``seq_len`` and right-padded with 0: ids ``[N, seq_len]`` uint16, lengths
+    ``[N]`` int32. Rows are filled ``chunk`` at a time so that temporaries stay small next to the result
+    (Retrieval's 147k x 4000 ids take 1.2 GB)."""
     ids = np.zeros((len(docs), seq_len), dtype=np.uint16)
-    positions = np.arange(seq_len)
+    lengths = np.zeros(len(docs), dtype=np.int32)
     for start in range(0, len(docs), chunk):
-        stop = min(start + chunk, len(docs))
-        flat = np.frombuffer(b"".join(doc[:seq_len] for doc in docs[start:stop]), dtype=np.uint8)
+        rows = [to_ids(doc)[:seq_len] for doc in docs[start : start + chunk]]
+        stop = start + len(rows)
+        lengths[start:stop] = [len(row) for row in rows]
         # A boolean mask assigns in row-major order, which is the order of the concatenation.
-        ids[start:stop][positions < lengths[start:stop, None]] = flat.astype(np.uint16) + 1
+        ids[start:stop][np.arange(seq_len) < lengths[start:stop, None]] = np.concatenate(rows)
     return ids, lengths
+
+
+def encode_bytes(docs: Sequence[bytes], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Byte-level ids: byte + 1, pad 0 (see ``pad_ids``)."""
+    return pad_ids(docs, seq_len, lambda doc: np.frombuffer(doc[:seq_len], np.uint8).astype(np.uint16) + 1)
 
 
 def encode_chars(docs: Sequence[bytes], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Code-point ids: cp + 1 for cp < 255, else ``CHAR_OOV_ID`` (256); pad 0. Shapes as ``encode_bytes``."""
-    sequences = []
-    for doc in docs:
+    """Code-point ids: cp + 1, at most ``CHAR_OOV_ID`` (256); pad 0 (see ``pad_ids``)."""
+
+    def to_ids(doc: bytes) -> np.ndarray:
         points = np.frombuffer(doc.decode("utf-8")[:seq_len].encode("utf-32-le"), dtype=np.uint32)
-        sequences.append(np.where(points < CHAR_OOV_ID, points + 1, CHAR_OOV_ID).astype(np.uint16))
-    return pad_ids(sequences, seq_len)
+        return np.minimum(points + 1, CHAR_OOV_ID).astype(np.uint16)
+
+    return pad_ids(docs, seq_len, to_ids)
 
 
 def read_aclimdb(folder: Path, split: str) -> tuple[list[bytes], np.ndarray]:
@@ -99,10 +79,6 @@ def read_aclimdb(folder: Path, split: str) -> tuple[list[bytes], np.ndarray]:
         docs.extend(file.read_bytes() for file in files)
         labels.extend([label] * len(files))
     return docs, np.array(labels, dtype=np.int64)
-
-
-def is_aclimdb(folder: Path) -> bool:
-    return all((folder / split / name).is_dir() for split in ("train", "test") for name in ("neg", "pos"))
 
 
 class TextDataModule(LocatedSource, LRADataModule):
@@ -127,7 +103,7 @@ class TextDataModule(LocatedSource, LRADataModule):
     vocab_size = BYTE_VOCAB
     num_classes = 2
     default_dir = DEFAULT_PARQUET_DIR
-    is_release = staticmethod(is_aclimdb)
+    official_sizes = {"train": 25_000, "test": 25_000}
     expected = (
         "train/test parquet files with columns text and label, or the aclImdb folder "
         "(train/{neg,pos}/*.txt, test/{neg,pos}/*.txt)"
@@ -149,13 +125,9 @@ class TextDataModule(LocatedSource, LRADataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        for key, value, allowed in (
-            ("unit", unit, UNITS),
-            ("strip", strip, STRIP_MODES),
-            ("val_split", val_split, VAL_SPLITS),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"data.{key}={value!r} is not one of {allowed}")
+        check_choice("unit", unit, UNITS)
+        check_choice("strip", strip, STRIP_MODES)
+        check_choice("val_split", val_split, VAL_SPLITS)
         self.set_source(data_dir, source, hub_name)
         self.unit = unit
         self.strip = strip
@@ -171,42 +143,27 @@ class TextDataModule(LocatedSource, LRADataModule):
             "split_seed": self.split_seed,
         }
 
-    def read_raw(self) -> dict[str, tuple[list[bytes], np.ndarray]]:
-        """``{split: (review bytes before stripping, labels)}`` for train and test."""
-        source, folder = self.located
-        if source == "release":
-            return {split: read_aclimdb(folder, split) for split in ("train", "test")}
-        with quiet_datasets(), scratch_dir(self.root) as scratch:
-            dataset = load_parquet_or_hub("text", source, folder, self.hub_name, scratch)
-            return {
-                split: (
-                    [text.encode("utf-8") for text in dataset[split]["text"]],
-                    np.asarray(dataset[split]["label"], dtype=np.int64),
-                )
-                for split in ("train", "test")
-            }
+    @staticmethod
+    def is_release(folder: Path) -> bool:
+        return all((folder / split / name).is_dir() for split in ("train", "test") for name in ("neg", "pos"))
 
     def build_arrays(self) -> ArraySplits:
-        raw = self.read_raw()
-        check_sizes(
-            "text", self.source, {split: len(labels) for split, (_, labels) in raw.items()}, OFFICIAL_SIZES
+        raw = self.read_splits(
+            read_aclimdb,
+            lambda rows, _: (
+                [text.encode("utf-8") for text in rows["text"]],
+                np.asarray(rows["label"], np.int64),
+            ),
         )
         encode = encode_bytes if self.unit == "bytes" else encode_chars
         encoded = {}
         for split, (docs, labels) in raw.items():
             ids, lengths = encode([strip_review(doc, self.strip) for doc in docs], self.seq_len)
             encoded[split] = {"input_ids": ids, "lengths": lengths, "labels": labels}
-        order = np.random.default_rng(self.split_seed).permutation(len(encoded["train"]["labels"]))
-        if self.val_split == "test":
-            return {"train": take(encoded["train"], order), "val": encoded["test"], "test": encoded["test"]}
-        num_val = round(len(order) * HOLDOUT_FRACTION)
-        return {
-            "train": take(encoded["train"], order[num_val:]),
-            "val": take(encoded["train"], order[:num_val]),
-            "test": encoded["test"],
-        }
-
-
-def take(arrays: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
-    """The same rows of every array."""
-    return {name: array[rows] for name, array in arrays.items()}
+        train, test = encoded["train"], encoded["test"]
+        order = np.random.default_rng(self.split_seed).permutation(len(train["labels"]))
+        holdout = self.val_split == "train_holdout"
+        num_val = round(len(order) * HOLDOUT_FRACTION) if holdout else 0
+        rows = {"train": order[num_val:], "val": order[:num_val]}
+        splits = {split: {name: array[r] for name, array in train.items()} for split, r in rows.items()}
+        return {"train": splits["train"], "val": splits["val"] if holdout else test, "test": test}
