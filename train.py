@@ -11,6 +11,8 @@ HYDRA_FULL_ERROR=1 shows it.
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -19,23 +21,12 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_warn
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from data.cache import atomic_write_text
-from lra.build import (
-    build_model,
-    data_banner,
-    default_wandb_mode,
-    instantiate_each,
-    instantiate_loggers,
-    lightning_trainer_config,
-    log_run_config,
-    print_summary,
-    reproduce_command,
-    run_banner,
-    without_logger_callbacks,
-)
+from lra.build import build_model, instantiate_each, instantiate_loggers, print_summary, run_banner
 from lra.cli import command_line, quiet_library_noise, register_resolvers
 from lra.errors import run_cli
 from lra.module import LRAClassifier
@@ -55,12 +46,15 @@ def main(cfg: DictConfig) -> float:
     config = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = resume_checkpoint(cfg.resume, out_dir, config)
 
-    trainer_cfg, harness = lightning_trainer_config(cfg.trainer)
+    trainer_cfg = cfg.trainer.copy()
+    with open_dict(trainer_cfg):  # the harness's own key, not a Lightning Trainer argument
+        max_nonfinite_steps = trainer_cfg.pop("max_nonfinite_steps", 0)
     loggers = instantiate_loggers(cfg.logger, out_dir)
-    callbacks = without_logger_callbacks(instantiate_each(cfg.callbacks), loggers)
+    callbacks = instantiate_each(cfg.callbacks)
+    if not loggers:  # logger=none: nothing for the LearningRateMonitor to feed
+        callbacks = [callback for callback in callbacks if not isinstance(callback, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
     if trainer.is_global_zero:
-        # A short banner; the whole config is in config_resolved.yaml (and `--cfg job` prints it).
         print(run_banner(config, choices, trainer, loggers, out_dir, ckpt_path), flush=True)
         atomic_write_text(out_dir / "config_resolved.yaml", OmegaConf.to_yaml(config))
 
@@ -68,7 +62,9 @@ def main(cfg: DictConfig) -> float:
     datamodule.prepare_data()
     datamodule.setup("fit")
     if trainer.is_global_zero:
-        print(data_banner(datamodule.describe()), flush=True)
+        described = datamodule.describe()
+        sizes = " / ".join(f"{split} {size:,}" for split, size in described["sizes"].items())
+        print(f"  data       {described['source']}, seq_len {described['seq_len']}, {sizes}", flush=True)
     L.seed_everything(cfg.seed, workers=True)
     attention = instantiate(cfg.attention)
     model = build_model(cfg.model, attention, datamodule)
@@ -77,10 +73,13 @@ def main(cfg: DictConfig) -> float:
         optimizer=instantiate(cfg.optim),
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         num_classes=datamodule.num_classes,
-        max_nonfinite_steps=harness.get("max_nonfinite_steps", 0),
-        reproduce=reproduce_command(hydra_cfg.overrides.task),
+        max_nonfinite_steps=max_nonfinite_steps,
+        reproduce="python " + shlex.join(["train.py", *hydra_cfg.overrides.task]),
     )
-    log_run_config(loggers, config, attention=choices.attention, profile=choices.profile)
+    identity = {"git_commit": git_commit(), "device": device_name()}
+    logged = {**config, "attention_name": choices.attention, "profile": choices.profile, **identity}
+    for logger in loggers:
+        logger.log_hyperparams(logged)
 
     summary = {
         "task": cfg.task.name,
@@ -91,8 +90,7 @@ def main(cfg: DictConfig) -> float:
         "output_dir": str(out_dir),
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "world_size": trainer.world_size,
-        "git_commit": git_commit(),
-        "device": device_name(),
+        **identity,
         "versions": versions(),
         "config": config,
     }
@@ -109,11 +107,9 @@ def main(cfg: DictConfig) -> float:
             at_best = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
             metrics["test/acc_at_best_val"] = at_best["test/acc"]
             # The second test logged its own test/acc; log the official one last so loggers keep it.
+            official = {key: metrics[key] for key in ("test/acc", "test/acc_at_best_val")}
             for logger in loggers:
-                logger.log_metrics(
-                    {key: metrics[key] for key in ("test/acc", "test/acc_at_best_val")},
-                    step=trainer.global_step,
-                )
+                logger.log_metrics(official, step=trainer.global_step)
         summary["status"] = "completed"
     except BaseException as error:
         summary["status"] = f"failed: {type(error).__name__}: {error}"
@@ -126,10 +122,8 @@ def main(cfg: DictConfig) -> float:
             wall_time_s=time.time() - started,
             data=datamodule.describe(),
             attention_values=[a.log_values() for a in model.encoder.attentions],
-            perf={},
+            perf={key: value for c in callbacks for key, value in getattr(c, "summary", {}).items()},
         )
-        for callback in callbacks:
-            summary["perf"].update(getattr(callback, "summary", {}))
         if trainer.is_global_zero:
             write_summary(out_dir / "summary.json", summary)
         if any(type(logger).__name__ == "WandbLogger" for logger in loggers):
@@ -142,11 +136,11 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    default_wandb_mode()
+    # W&B works without an account: offline unless chosen; a sweep agent's runs must reach its project.
+    if "WANDB_SWEEP_ID" not in os.environ:
+        os.environ.setdefault("WANDB_MODE", "offline")
     quiet_library_noise()
     register_resolvers()
-    # Before Hydra parses the command line: resume=<run dir> becomes that run's overrides and run dir, the
-    # CPU profile is chosen when there is no CUDA device, and Hydra's options go after the overrides (so
-    # `--cfg job`, `--help`, `-m` work wherever they are written).
+    # Before Hydra parses it: resume= expanded, profile=cpu without CUDA, Hydra's options after the overrides.
     sys.argv[1:] = run_cli(lambda: command_line(sys.argv[1:]), prog="train.py")
     main()

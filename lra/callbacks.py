@@ -1,6 +1,5 @@
-"""Throughput and peak-memory callbacks, identical for every attention so runs compare directly.
-
-The clocks and memory counters are ``lra/timing.py``'s, the ones the efficiency benchmark reads."""
+"""Throughput and peak-memory callbacks, identical for every attention so runs compare directly; the
+clocks and memory counters are ``lra/timing.py``'s, the ones the efficiency benchmark reads."""
 
 from __future__ import annotations
 
@@ -22,14 +21,13 @@ from lra.timing import (
 
 
 class ThroughputMonitor(L.Callback):
-    """Training steps/s, samples/s and tokens/s, excluding the first ``warmup_steps`` and validation time.
+    """``perf/{steps,samples,tokens}_per_s`` and ``perf/step_ms`` without the first ``warmup_steps`` and
+    validation; tokens are padded tokens, both documents for Retrieval. The device is synchronised only when
+    timing starts and when a value is logged. Under DDP every rank takes equal batches (distributed sampler,
+    ``drop_last``), so samples and tokens are this rank's times the world size.
 
-    Logs ``perf/steps_per_s``, ``perf/samples_per_s``, ``perf/tokens_per_s`` (padded tokens the model
-    processes, both documents for Retrieval) and ``perf/step_ms``, and ``time/elapsed_s`` (wall clock since
-    training started, evaluation included) at every validation. The device is synchronised only when
-    timing starts and when a value is logged. Under DDP every rank takes the same number of equal-sized
-    batches per step (distributed sampler, ``drop_last``), so samples and tokens are this rank's times the
-    world size: the throughput of the whole job.
+    Also ``time/elapsed_s`` at every validation: wall clock since training started, evaluation included,
+    the x-axis of the accuracy-against-time curves.
     """
 
     def __init__(self, warmup_steps: int = 5) -> None:
@@ -37,11 +35,7 @@ class ThroughputMonitor(L.Callback):
         self.started: float | None = None
         self.train_started: float | None = None
         self.paused_at: float | None = None
-        self.excluded = 0.0
-        self.steps = 0
-        self.samples = 0
-        self.tokens = 0
-        self.world_size = 1
+        self.excluded, self.steps, self.samples, self.tokens, self.world_size = 0.0, 0, 0, 0, 1
         self.summary: dict[str, float] = {}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -49,8 +43,6 @@ class ThroughputMonitor(L.Callback):
         self.train_started = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Wall-clock seconds since training started, validation included, beside each val/acc: the
-        # x-axis of the accuracy-against-time curves (steps/s alone would leave evaluation out).
         if self.train_started is not None and not trainer.sanity_checking:
             pl_module.log("time/elapsed_s", time.perf_counter() - self.train_started)
 
@@ -103,8 +95,7 @@ class PeakMemoryMonitor(L.Callback):
     """``perf/peak_mem_gb``: CUDA peak allocated memory on a GPU, the process peak RSS on a CPU.
 
     On a CPU the peak counts from the start of training (the counter is reset there, on Linux), so jobs of a
-    multirun do not inherit each other's peaks; ``rss_at_train_start_gb`` is what was already resident then
-    (libraries, data, and whatever earlier jobs of the same process left behind).
+    multirun do not inherit each other's peaks; ``rss_at_train_start_gb`` was already resident then.
     """
 
     def __init__(self) -> None:
@@ -118,48 +109,36 @@ class PeakMemoryMonitor(L.Callback):
         gc.collect()
         since_train_start = reset_process_peak_rss()
         self._cpu_extra = {
-            # process_peak_rss_cumulative: the counter could not be reset (not Linux); the peak is the
-            # process's since it started, earlier jobs of a multirun included.
+            # cumulative: the counter could not be reset (not Linux), earlier jobs of a multirun included
             "peak_mem_kind": "process_peak_rss" if since_train_start else "process_peak_rss_cumulative",
             "rss_at_train_start_gb": process_rss_gb(),
         }
 
-    def _measure(self, pl_module: L.LightningModule) -> None:
+    def _measure(self, pl_module: L.LightningModule, log: bool = True) -> None:
         if pl_module.device.type == "cuda":
             peak = peak_allocated(pl_module.device) / 1024**3
             self.summary = {"peak_mem_gb": peak, "peak_mem_kind": "cuda_max_allocated"}
         else:
-            self.summary = {
-                "peak_mem_gb": process_peak_rss_gb(),
-                "peak_mem_kind": "process_peak_rss_cumulative",
-                **self._cpu_extra,
-            }
-
-    def _log(self, pl_module: L.LightningModule) -> None:
-        # Under DDP: the largest rank's peak, the one that decides whether a run fits.
-        pl_module.log("perf/peak_mem_gb", self.summary["peak_mem_gb"], sync_dist=True, reduce_fx="max")
+            kind = "process_peak_rss_cumulative"
+            self.summary = {"peak_mem_gb": process_peak_rss_gb(), "peak_mem_kind": kind, **self._cpu_extra}
+        if log:  # under DDP the largest rank's peak, the one that decides whether a run fits
+            pl_module.log("perf/peak_mem_gb", self.summary["peak_mem_gb"], sync_dist=True, reduce_fx="max")
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._measure(pl_module)
-        self._log(pl_module)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "fit":
             self._measure(pl_module)
-            self._log(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._measure(pl_module)
+        self._measure(pl_module, log=False)
 
 
 class LastCheckpoint(ModelCheckpoint):
-    """``checkpoints/last.ckpt``: the latest state after every validation and at the end of training.
-
-    Lightning's ``save_last`` follows the best checkpoint (it writes only when val/acc improved), so a killed
-    run would lose everything since its last improvement; this one is overwritten every time. It is what
-    ``resume=<run dir>`` continues from, and with the trainer's ``AtomicCheckpointIO`` a kill while it is
-    written leaves the previous one intact. Extra ``ModelCheckpoint`` arguments (``every_n_train_steps``)
-    pass through.
+    """``checkpoints/last.ckpt``, overwritten after every validation and at the end of training: what
+    ``resume=<run dir>`` continues from. Lightning's ``save_last`` writes only when val/acc improved, so a
+    killed run would lose everything since its last improvement.
     """
 
     def __init__(self, dirpath: str, **kwargs: Any) -> None:

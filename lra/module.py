@@ -23,24 +23,21 @@ INPUT_KEYS = ("input_ids", "mask", "input_ids_2", "mask_2")
 
 
 def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The entries of a data batch that ``LRAModel.forward`` takes (the label and extras left out)."""
+    """The entries of a data batch that ``LRAModel.forward`` takes."""
     return {key: batch[key] for key in INPUT_KEYS if key in batch}
 
 
 class NonFiniteLossError(FloatingPointError):
-    """Raised when the loss or the gradients stop being finite for more steps than allowed."""
+    """The loss or the gradients were non-finite for more steps than allowed."""
 
 
 class LRAClassifier(L.LightningModule):
     """Cross-entropy classification with accuracy per stage.
 
     Args:
-        model: the encoder plus head (``models.heads.LRAModel``).
-        optimizer: a partial optimiser taking the parameters (from ``conf/config.yaml: optim``).
-        scheduler: ``{"name", "warmup_steps", "total_steps"}``, see ``lra.schedules``.
-        num_classes: number of labels.
-        max_nonfinite_steps: skip at most this many steps with a non-finite loss or gradient (no update)
-            before stopping the run (``trainer.max_nonfinite_steps``).
+        optimizer: a partial optimiser taking the parameters (``optim``).
+        scheduler: ``lra.schedules.lr_multiplier``'s arguments.
+        max_nonfinite_steps: steps with a non-finite loss or gradient skipped before the run stops.
         reproduce: the command that reproduces the run, quoted in the non-finite error.
     """
 
@@ -88,19 +85,11 @@ class LRAClassifier(L.LightningModule):
         loss = F.cross_entropy(logits.float(), batch["label"])
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits.detach(), batch["label"])
-        on_step = stage == "train"
-        batch_size = batch["label"].shape[0]
+        train, batch_size = stage == "train", batch["label"].shape[0]
         # Evaluation losses are averaged over every rank's examples; the training loss is rank 0's, per step.
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_step=on_step,
-            on_epoch=not on_step,
-            prog_bar=True,
-            batch_size=batch_size,
-            sync_dist=not on_step,
-        )
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=True, batch_size=batch_size)
+        kwargs = {"prog_bar": True, "batch_size": batch_size}
+        self.log(f"{stage}/loss", loss, on_step=train, on_epoch=not train, sync_dist=not train, **kwargs)
+        self.log_dict(metrics, on_step=False, on_epoch=True, **kwargs)
         return loss
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
@@ -111,10 +100,10 @@ class LRAClassifier(L.LightningModule):
         culprit = next((name for name, p in self.named_parameters() if not torch.isfinite(p).all()), None)
         where = f"parameter {culprit!r} is already non-finite" if culprit else "all parameters finite"
         ranks = " on this or another rank" if self.trainer.world_size > 1 else ""
-        value = loss.item()
-        self._count_nonfinite(f"non-finite training loss ({value}){ranks} at batch {batch_idx}: {where}")
-        # Returning None makes Lightning skip the backward pass and the optimiser step for this batch.
-        return None
+        self._count_nonfinite(
+            f"non-finite training loss ({loss.item()}){ranks} at batch {batch_idx}: {where}"
+        )
+        return None  # Lightning skips the backward pass and the optimiser step
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
@@ -133,8 +122,7 @@ class LRAClassifier(L.LightningModule):
             f"non-finite gradient in parameter {name!r} ({bad} of {param.grad.numel()} entries; optimizer "
             f"param group {group}, lr {optimizer.param_groups[group]['lr']:.3g})"
         )
-        # Without gradients the optimiser leaves every parameter as it is: the step is skipped.
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # without gradients the optimiser skips the step
 
     def _count_nonfinite(self, what: str) -> None:
         self.nonfinite_steps += 1
@@ -169,8 +157,7 @@ class LRAClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.parameters())
-        multiplier = lr_multiplier(**self.scheduler_config)
-        scheduler = LambdaLR(optimizer, multiplier)
+        scheduler = LambdaLR(optimizer, lr_multiplier(**self.scheduler_config))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

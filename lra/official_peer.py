@@ -3,13 +3,13 @@
     python -m lra.official_peer /path/to/TaylorShift [--seq-len 8192 --head-dim 32 --heads 4 --batch 1]
         [--out results/official_peer/cpu]
 
-Times forward+backward of the official module's ``_efficient_attention`` and ``_direct_attention`` beside
-this project's ``taylorshift`` (``mode=efficient`` and ``mode=direct``) on the same q, k, v and output
-gradient, interleaved in one process (median of the repeats after a warm-up). The official file is loaded from
-your clone and never copied here; its imports of timm, ``vit`` and ``utils``, which only its ViT classes use,
-are replaced by empty stand-ins. Both compute the same function unmasked (checked before timing): the
-official efficient path with ``output_normalized=True`` (the √(N/d) output scale this project's YAML applies);
-its direct path without it, because that path scales V in place, which autograd refuses on a leaf.
+Times forward+backward of the official ``_efficient_attention`` and ``_direct_attention`` beside this
+project's ``taylorshift`` (``mode=efficient`` and ``mode=direct``) on the same inputs, interleaved in one
+process (median of the repeats after a warm-up). The official file is loaded from your clone, never copied;
+its timm, ``vit`` and ``utils`` imports (only its ViT classes use them) get empty stand-ins. Both compute the
+same function unmasked (checked before timing): the official efficient path with ``output_normalized=True``
+(this project's √(N/d) output scale), its direct path without, as that one scales V in place, which
+autograd refuses on a leaf.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from lra.timing import median_iqr, time_calls
 
 
 def load_official(clone: Path) -> types.ModuleType:
-    """``taylor_shift.py`` of a clone of tobna/TaylorShift (or that file itself), with stand-ins for the
-    modules its ViT classes import."""
+    """``taylor_shift.py`` of a clone of tobna/TaylorShift (or that file itself)."""
     path = clone / "taylor_shift.py" if clone.is_dir() else clone
     if not path.is_file():
         raise ConfigError(
@@ -85,8 +84,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         "official direct": peer(False)._direct_attention,
         "project direct": lambda q, k, v: ours["direct"](q, k, v),
     }
-    if args.skip_direct:
-        calls = {name: call for name, call in calls.items() if "direct" not in name}
+    calls = {name: call for name, call in calls.items() if not (args.skip_direct and "direct" in name)}
 
     def fwd_bwd(call: Any) -> Any:
         for leaf in leaves:
@@ -101,9 +99,7 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         for _ in range(args.warmup):
             out = fwd_bwd(call)
         # Every path but the official direct one carries the √(N/d) output scale.
-        expected = (
-            reference / (args.seq_len / args.head_dim) ** 0.5 if name == "official direct" else reference
-        )
+        expected = reference / ((args.seq_len / args.head_dim) ** 0.5 if name == "official direct" else 1)
         error = ((out.detach() - expected).abs().max() / expected.abs().max()).item()
         if error > 1e-3:
             raise ConfigError(
@@ -117,24 +113,13 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
             times[name] += time_calls(lambda call=call: fwd_bwd(call), cpu, 1)
     env = {**environment(cpu), "load1": os.getloadavg()[0]}
     medians = {name: [round(x, 2) for x in median_iqr(measured)] for name, measured in times.items()}
+    sizes = {"batch": args.batch, "heads": args.heads, "seq_len": args.seq_len, "head_dim": args.head_dim}
     rows = []
     for name, (median, iqr) in medians.items():
         peer_median = medians[name.replace("project", "official")][0]
-        rows.append(
-            {
-                "method": name,
-                "batch": args.batch,
-                "heads": args.heads,
-                "seq_len": args.seq_len,
-                "head_dim": args.head_dim,
-                "dtype": "float32",
-                "fwd_bwd_ms": median,
-                "fwd_bwd_iqr_ms": iqr,
-                "repeats": args.repeats,
-                **env,
-                "vs_official": None if name.startswith("official") else round(median / peer_median, 3),
-            }
-        )
+        ratio = None if name.startswith("official") else round(median / peer_median, 3)
+        row = {"method": name, **sizes, "dtype": "float32", "fwd_bwd_ms": median, "fwd_bwd_iqr_ms": iqr}
+        rows.append(row | {"repeats": args.repeats, **env, "vs_official": ratio})
     return rows
 
 

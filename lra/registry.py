@@ -1,4 +1,4 @@
-"""The attention registry: ``conf/attention/<name>.yaml`` builds an attention; ``results/published.yaml``
+"""The attention registry: ``conf/attention/<name>.yaml`` builds an attention, ``results/published.yaml``
 gives its place in tables and its published LRA numbers. Everything that lists or builds attentions goes
 through here, so a new YAML is picked up everywhere."""
 
@@ -61,10 +61,8 @@ def published_accuracy(attention: str, task: str) -> float | str:
 def attention_factory(
     name: str, overrides: Mapping[str, Any] | None = None, attn_dropout: float = 0.0
 ) -> Callable[..., Attention]:
-    """The YAML's partial with ``overrides`` merged in; call it with ``num_heads``, ``head_dim``, ``max_len``.
-
-    ``${model.attn_dropout}`` in the YAML resolves to ``attn_dropout``.
-    """
+    """The YAML's partial with ``overrides`` merged in, ``${model.attn_dropout}`` resolved to
+    ``attn_dropout``; call it with ``num_heads``, ``head_dim``, ``max_len``."""
     path = ATTENTION_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown attention {name!r}: no {path}; registered: {registered_attentions()}")

@@ -1,10 +1,8 @@
 """Resuming a killed run: the run directory, its latest checkpoint, its W&B id, and atomic checkpoint files.
 
-``python train.py resume=<run dir>`` continues the run in that directory with the configuration it was
-started with: the original command-line overrides (``<run dir>/.hydra/overrides.yaml``) are replayed, any
-given on the new command line win, and Hydra writes into the same directory. Reusing a run directory
-(``hydra.run.dir=<dir>``, or a sweep rerun with the same ``hydra.sweep.dir``) resumes automatically from
-``<dir>/checkpoints/last.ckpt``.
+``python train.py resume=<run dir>`` replays the run's original overrides (``.hydra/overrides.yaml``; new ones
+win) into the same directory. Reusing a run directory (``hydra.run.dir=<dir>``, or a sweep rerun with the
+same ``hydra.sweep.dir``) resumes from ``<dir>/checkpoints/last.ckpt`` by itself.
 """
 
 from __future__ import annotations
@@ -25,21 +23,25 @@ from lra.errors import MissingCheckpointError, ResumeError
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 WANDB_ID_FILE = "wandb_id"
+# What a checkpoint's weights and data order depend on: resuming with one of these changed is another run.
+RUN_DEFINING_KEYS = (
+    "task.name",
+    "model",
+    "attention",
+    "data._target_",
+    "data.seq_len",
+    "data.batch_size",
+    "seed",
+)
 
 
 def _override_key(arg: str) -> str:
     return arg.split("=", 1)[0].lstrip("+~")
 
 
-def _covered(key: str, given: set[str]) -> bool:
-    """True when ``key`` or one of its parents is set on the command line (``model`` covers ``model.x``)."""
-    return any(key == other or key.startswith(other + ".") for other in given)
-
-
 def run_dir_of(resume: str | os.PathLike) -> Path | None:
-    """The run directory a ``resume=`` value names: the directory itself, or the run that holds a checkpoint
-    file in its ``checkpoints/`` folder; None for a checkpoint file elsewhere (that run gets a new directory).
-    """
+    """The run directory a ``resume=`` value names: the directory itself, or the run whose ``checkpoints/``
+    holds that file; None for a checkpoint file elsewhere (that run gets a new directory)."""
     path = Path(resume).expanduser().resolve()
     if not path.is_file():
         return path
@@ -49,13 +51,12 @@ def run_dir_of(resume: str | os.PathLike) -> Path | None:
 def expand_resume_argv(argv: Sequence[str]) -> list[str]:
     """Turn ``resume=<run dir>`` into the overrides that recreate that run in that directory.
 
-    The original run's overrides come first and the new command line's win (an override of ``model``
-    replaces the original's ``model.*`` ones); ``hydra.run.dir`` is set to the run directory unless given.
-    Applying it twice adds nothing, which matters because DDP re-runs train.py with the expanded argv.
+    The new command line's overrides win; ``hydra.run.dir`` is the run directory unless given. Idempotent,
+    because DDP re-runs train.py with the expanded argv.
 
     Raises:
-        ResumeError: ``resume`` with ``-m`` (each job of a sweep resumes by itself when the sweep is rerun
-            with the same ``hydra.sweep.dir``), or a run directory that does not exist.
+        ResumeError: ``resume`` with ``-m`` (rerun the sweep with the same ``hydra.sweep.dir`` instead), or a
+            run directory that does not exist.
     """
     argv = list(argv)
     values = [arg.split("=", 1)[1] for arg in argv if _override_key(arg) == "resume" and "=" in arg]
@@ -73,31 +74,25 @@ def expand_resume_argv(argv: Sequence[str]) -> list[str]:
         raise ResumeError(f"resume={values[-1]}: no run directory at {run_dir}")
     given = {_override_key(arg) for arg in argv if "=" in arg or arg.startswith("~")}
     original_file = run_dir / ".hydra" / "overrides.yaml"
-    original = yaml.safe_load(original_file.read_text()) if original_file.is_file() else []
-    replayed = [arg for arg in original or [] if not _covered(_override_key(arg), given)]
+    original = (yaml.safe_load(original_file.read_text()) if original_file.is_file() else None) or []
+
+    def covered(arg: str) -> bool:  # ``model`` on the new command line covers the original's ``model.x``
+        return any(_override_key(arg) == key or _override_key(arg).startswith(key + ".") for key in given)
+
+    replayed = [arg for arg in original if not covered(arg)]
     run_dir_arg = [] if "hydra.run.dir" in given else [f"hydra.run.dir={run_dir}"]
     return [*replayed, *argv, *run_dir_arg]
 
 
 def resume_checkpoint(resume: str | None, out_dir: Path, config: dict[str, Any] | None = None) -> Path | None:
-    """The checkpoint to continue from: ``resume``'s (a run directory or a checkpoint file), else this run
-    directory's own ``checkpoints/last.ckpt`` when it is being reused, else None (a fresh run).
-
-    With ``config`` (the resolved config of this run), a checkpoint in ``out_dir`` must come from the same
-    run (:func:`check_same_run`).
+    """``resume``'s checkpoint (a run directory or a checkpoint file), else this run directory's own
+    ``checkpoints/last.ckpt`` when it is being reused, else None. With ``config`` (this run's resolved
+    config), a checkpoint in ``out_dir`` must come from the same run.
 
     Raises:
-        MissingCheckpointError: ``resume`` names a run without a ``checkpoints/last.ckpt`` (killed before its
-            first checkpoint: start it again without ``resume``).
+        MissingCheckpointError: ``resume`` names a run killed before its first checkpoint.
         ResumeError: the checkpoint in ``out_dir`` belongs to a different model, attention, task or data.
     """
-    checkpoint = _find_checkpoint(resume, out_dir)
-    if checkpoint is not None and config is not None:
-        check_same_run(checkpoint, out_dir, config)
-    return checkpoint
-
-
-def _find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
     if resume:
         path = Path(resume).expanduser().resolve()
         checkpoint = path if path.is_file() else path / LAST_CHECKPOINT
@@ -107,39 +102,24 @@ def _find_checkpoint(resume: str | None, out_dir: Path) -> Path | None:
                 f"checkpoint (one is written at every validation, every trainer.val_check_interval steps), "
                 f"so start it again without resume="
             )
-        return checkpoint
-    checkpoint = out_dir / LAST_CHECKPOINT
-    return checkpoint if checkpoint.is_file() else None
-
-
-# What a checkpoint's weights and data order depend on: resuming with one of these changed is another run.
-RUN_DEFINING_KEYS = (
-    "task.name",
-    "model",
-    "attention",
-    "data._target_",
-    "data.seq_len",
-    "data.batch_size",
-    "seed",
-)
+    else:
+        checkpoint = out_dir / LAST_CHECKPOINT
+        if not checkpoint.is_file():
+            return None
+    if config is not None:
+        check_same_run(checkpoint, out_dir, config)
+    return checkpoint
 
 
 def check_same_run(checkpoint: Path, out_dir: Path, config: dict[str, Any]) -> None:
-    """Refuse to continue ``checkpoint`` with a config that changes the model, attention, task or data.
-
-    Compares ``config`` (resolved) with the run directory's ``config_resolved.yaml`` before it is
-    overwritten; training length, logging and hardware keys may change (``trainer.max_steps=...`` extends
-    a run).
-
-    Raises:
-        ResumeError: naming the keys that differ and what to do instead.
-    """
+    """Refuse to continue ``checkpoint`` when ``config`` changes a RUN_DEFINING_KEYS entry of the run
+    directory's ``config_resolved.yaml``; training length, logging and hardware may change."""
     saved_file = out_dir / "config_resolved.yaml"
     if not saved_file.is_file():
         return
     saved = yaml.safe_load(saved_file.read_text()) or {}
 
-    def pick(tree: dict[str, Any], dotted: str) -> Any:
+    def pick(tree: Any, dotted: str) -> Any:
         for part in dotted.split("."):
             tree = tree.get(part) if isinstance(tree, dict) else None
         return tree
@@ -158,18 +138,14 @@ def wandb_run_id(out_dir: Path) -> str:
     path = out_dir / WANDB_ID_FILE
     if path.is_file():
         return path.read_text().strip()
-    # W&B accepts any short id of letters and digits; it only has to be unique within the project.
-    run_id = secrets.token_hex(4)
+    run_id = secrets.token_hex(4)  # any short id, unique within the project
     atomic_write_text(path, run_id + "\n")
     return run_id
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file in the same directory, flushed, then renamed into place.
-
-    A kill while saving leaves the previous ``last.ckpt`` intact (plus a ``.<name>.tmp-*`` file that the next
-    save of that name removes); readers never see half a checkpoint.
-    """
+    """Checkpoints written to a temporary sibling, flushed, then renamed into place: a kill while saving
+    leaves the previous ``last.ckpt`` intact, and the next save removes the leftover ``.<name>.tmp-*``."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None

@@ -1,7 +1,4 @@
-"""Learning-rate multipliers of the official LRA recipes.
-
-Step s counts from 0, so the first update has lr 0.
-"""
+"""Learning-rate multipliers of the official LRA recipes. Step s counts from 0: the first update has lr 0."""
 
 from __future__ import annotations
 

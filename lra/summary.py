@@ -18,25 +18,16 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 def git_commit() -> str:
     """HEAD of this repository, ``-dirty`` with uncommitted changes, ``unknown`` outside git."""
+
+    def git(*args: str) -> str:
+        run = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        return run.stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
+        commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return commit + ("-dirty" if dirty else "")
+    return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
 
 
 def device_name() -> str:
@@ -78,9 +69,7 @@ def to_jsonable(value: Any) -> Any:
         return {str(key): to_jsonable(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [to_jsonable(item) for item in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
+    return str(value) if isinstance(value, Path) else value
 
 
 def write_summary(path: Path, summary: dict[str, Any]) -> None:

@@ -1,15 +1,13 @@
-"""Checks of the composed config that run before any data is loaded, so impossible runs fail in seconds.
+"""Checks of the composed config before any data is loaded, so impossible runs fail in seconds.
 
-Each problem names the config keys involved and how to fix them. The attention is checked by building it
-exactly as the encoder will (real ``num_heads``, ``head_dim``, ``max_len``) and running one tiny forward pass
-on the training device and precision: the mechanisms validate their own options at construction, and the
-forward pass catches what only the device knows (an SDPA backend pinned to a kernel this device lacks).
+The attention is built exactly as the encoder will build it and run once on a tiny masked batch on the
+training device and precision: the mechanisms validate their own options at construction, and the forward
+pass catches what only the device knows (an SDPA backend pinned to a kernel this device lacks).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -21,23 +19,11 @@ from lra.schedules import lr_multiplier
 EVAL_CHECKPOINTS = ("last", "best_val")
 PROBE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
 
-
-__all__ = ["ConfigError", "check_attention", "probe_device", "validate_config"]
-
-
-def probe_device(accelerator: str) -> torch.device:
-    """The device the Trainer will train on, for ``trainer.accelerator`` (cpu | gpu | cuda | auto)."""
-    if accelerator == "cpu" or not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda")
+__all__ = ["ConfigError", "check_attention", "validate_config"]
 
 
 def check_attention(cfg: DictConfig) -> str | None:
-    """Build one attention layer as the encoder will and run a short masked forward pass.
-
-    Returns:
-        The problem found, or None.
-    """
+    """The problem found building one attention layer as the encoder will and running it once, or None."""
     heads, width = cfg.model.num_heads, cfg.model.qkv_dim
     max_len = cfg.data.seq_len + int(cfg.model.pooling == "cls")
     where = (
@@ -45,14 +31,14 @@ def check_attention(cfg: DictConfig) -> str | None:
         f"head_dim={width // heads}, max_len={max_len} (data.seq_len={cfg.data.seq_len}"
         f"{' + 1 CLS' if cfg.model.pooling == 'cls' else ''})"
     )
-    device = probe_device(str(cfg.trainer.accelerator))
+    cpu = str(cfg.trainer.accelerator) == "cpu" or not torch.cuda.is_available()
+    device = torch.device("cpu" if cpu else "cuda")
     precision = str(cfg.trainer.precision)
     dtype = next((d for prefix, d in PROBE_DTYPES.items() if precision.startswith(prefix)), torch.float32)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if precision.endswith("-mixed") else contextlib.nullcontext()
-    )
+    mixed = precision.endswith("-mixed")
+    autocast = torch.autocast(device.type, dtype=dtype) if mixed else contextlib.nullcontext()
     # The probe must not move the run's random streams (Performer draws its features at construction).
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[] if cpu else [device]):
         try:
             layer = instantiate(cfg.attention)(num_heads=heads, head_dim=width // heads, max_len=max_len)
         except (ValueError, TypeError) as error:
@@ -75,15 +61,15 @@ def check_attention(cfg: DictConfig) -> str | None:
 
 def validate_config(cfg: DictConfig) -> list[str]:
     """Check ``cfg`` before any data is loaded; returns warnings, raises :class:`ConfigError` on problems."""
-    problems: list[str] = []
-    warnings: list[str] = []
+    problems, warnings = [], []
     if cfg.eval.checkpoint not in EVAL_CHECKPOINTS:
         problems.append(f"eval.checkpoint={cfg.eval.checkpoint!r} is not one of {EVAL_CHECKPOINTS}")
     heads, width = cfg.model.num_heads, cfg.model.qkv_dim
     if heads < 1 or width % heads:
+        near = min((d for d in range(1, width + 1) if width % d == 0), key=lambda d: abs(d - int(heads or 1)))
         problems.append(
             f"model.qkv_dim={width} is not divisible by model.num_heads={heads} (each head gets qkv_dim / "
-            f"num_heads features); change one of them, e.g. model.num_heads={_divisor_near(width, heads)}"
+            f"num_heads features); change one of them, e.g. model.num_heads={near}"
         )
     if cfg.data.seq_len < 1 or cfg.data.batch_size < 1:
         problems.append(
@@ -96,10 +82,8 @@ def validate_config(cfg: DictConfig) -> list[str]:
         lr_multiplier(**cfg.scheduler)
     except (ValueError, TypeError) as error:
         problems.append(f"scheduler: {error}")
-    if not problems:
-        problem = check_attention(cfg)
-        if problem:
-            problems.append(problem)
+    if not problems and (problem := check_attention(cfg)):
+        problems.append(problem)
     if cfg.eval.checkpoint == "best_val" and cfg.data.get("val_split") == "test":
         warnings.append(
             "eval.checkpoint=best_val with data.val_split=test selects the checkpoint on the test set, which "
@@ -108,8 +92,3 @@ def validate_config(cfg: DictConfig) -> list[str]:
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     return warnings
-
-
-def _divisor_near(width: int, heads: Any) -> int:
-    divisors = [d for d in range(1, width + 1) if width % d == 0]
-    return min(divisors, key=lambda d: abs(d - int(heads or 1)))

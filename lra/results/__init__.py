@@ -7,11 +7,8 @@ python -m lra.results --collect multirun/results-cpu  # first copy a sweep's sum
 python -m lra.results --wandb-project ENTITY/PROJECT  # add W&B runs when the API is reachable
 
 Without --out, the tables go to results/ only when the runs read are exactly the committed results/runs;
-any other runs are scratch work and go to outputs/results/.
-
-One table per (recipe, device): runs from different recipes or hardware never share a cell. A cell is
-(task, attention, recipe variant): the variant is a hash of the settings that change what is trained (model,
-data, optimiser, schedule, trainer, evaluation), so a run with extra overrides never joins the plain recipe.
+any other runs are scratch work and go to outputs/results/. One table per (recipe, device); a cell is
+(task, attention, config variant), see cells.py.
 """
 
 from __future__ import annotations
@@ -23,47 +20,26 @@ from pathlib import Path
 from data.cache import atomic_write_text
 from lra.results.cells import LRA_TASKS, MISSING, Report, aggregate
 from lra.results.curves import write_figures
-from lra.results.render import (
-    LRA_MD_HEADER,
-    READING_FILE,
-    render_csv,
-    render_json,
-    render_markdown,
-    render_readme,
-)
+from lra.results.render import LRA_MD_HEADER, render_csv, render_json, render_markdown, render_readme
 from lra.results.runs import (
     collect_runs,
     display_path,
     load_local_runs,
     load_wandb_runs,
+    read_summaries,
     recipe_variant,
     run_from_summary,
 )
 from lra.summary import REPO_ROOT
 
-__all__ = [
-    "LRA_MD_HEADER",
-    "LRA_TASKS",
-    "MISSING",
-    "Report",
-    "aggregate",
-    "collect_runs",
-    "load_local_runs",
-    "main",
-    "recipe_variant",
-    "render_csv",
-    "render_markdown",
-    "run_from_summary",
-]
-# Only committed runs by default, so a developer's scratch runs never leak into the published table;
-# pass --runs outputs multirun to include them.
-DEFAULT_RUN_ROOTS = ("results/runs",)
+__all__ = ["LRA_MD_HEADER", "LRA_TASKS", "MISSING", "Report", "aggregate", "collect_runs", "load_local_runs"]
+__all__ += ["main", "recipe_variant", "render_csv", "render_markdown", "run_from_summary"]
+DEFAULT_RUN_ROOTS = ("results/runs",)  # so scratch runs never leak into the published table
 
 
 def write_outputs(report: Report, out_dir: Path) -> list[Path]:
-    """Write the learning curves, then lra.md, lra.csv, lra.json and README.md into ``out_dir``."""
     figures = write_figures(report, out_dir)
-    reading = out_dir / READING_FILE
+    reading = out_dir / "reading.md"  # the hand-written reading of the tables, kept beside them
     outputs = {
         "lra.md": render_markdown(report, figures, reading.read_text() if reading.is_file() else None),
         "lra.csv": render_csv(report),
@@ -79,37 +55,27 @@ def write_outputs(report: Report, out_dir: Path) -> list[Path]:
 
 def main(argv: Sequence[str] | None = None) -> Report:
     parser = argparse.ArgumentParser(prog="python -m lra.results", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--runs",
-        nargs="+",
-        type=Path,
-        help="folders searched for summary.json (default: results/runs; add outputs multirun for local runs)",
-    )
-    parser.add_argument("--wandb-project", help="also read the runs of this W&B ENTITY/PROJECT")
-    parser.add_argument(
+    add = parser.add_argument
+    add("--runs", nargs="+", type=Path, help="folders searched for summary.json (default: results/runs)")
+    add("--wandb-project", help="also read the runs of this W&B ENTITY/PROJECT")
+    add(
         "--out",
         type=Path,
-        help="output folder (default: results/ when the runs are exactly results/runs, else "
-        "outputs/results/; make results passes --out results)",
+        help="output folder (default: results/ for exactly results/runs, else outputs/results/)",
     )
-    parser.add_argument(
+    add(
         "--compare",
         action="store_true",
-        help="print the runs side by side with the chance and majority-class rates; write nothing",
+        help="print the runs side by side with the chance and majority rates",
     )
-    parser.add_argument(
+    add(
         "--collect",
         nargs="+",
         type=Path,
         default=[],
-        help="sweep/run folders whose summaries are first copied into --collect-into (the committed layout)",
+        help="sweep/run folders first copied into --collect-into",
     )
-    parser.add_argument(
-        "--collect-into",
-        type=Path,
-        default=REPO_ROOT / "results" / "runs",
-        help="where --collect copies summaries (default: results/runs/)",
-    )
+    add("--collect-into", type=Path, default=REPO_ROOT / "results" / "runs", help="default: results/runs/")
     args = parser.parse_args(argv)
     if args.compare and (args.collect or args.out or args.wandb_project):
         parser.error("--compare only prints: it takes --runs, not --collect, --out or --wandb-project")
@@ -123,9 +89,11 @@ def main(argv: Sequence[str] | None = None) -> Report:
     if missing:
         parser.error("no such folder: " + ", ".join(map(str, missing)))
     if args.compare:
-        from lra.results.compare import load_with_summaries, render_comparison
+        from lra.results.compare import render_comparison
 
-        pairs, problems = load_with_summaries(roots)
+        pairs, problems = read_summaries(
+            roots, lambda path, summary: (run_from_summary(summary, display_path(path)), summary)
+        )
         print(render_comparison(pairs) + "".join(f"problem: {problem}\n" for problem in problems), end="")
         return aggregate([run for run, _ in pairs], problems=problems, roots=[display_path(r) for r in roots])
     runs, problems = load_local_runs(roots)
@@ -134,13 +102,9 @@ def main(argv: Sequence[str] | None = None) -> Report:
         runs += wandb_runs
         problems += wandb_problems
     report = aggregate(runs, problems=problems, roots=[display_path(root) for root in roots])
-    out = args.out
-    if out is None:
-        # The committed tables are rebuilt only from the committed summaries alone; any other set of runs
-        # is scratch work and goes under outputs/, so it never overwrites results/ by accident.
-        only_committed = {root.resolve() for root in roots} == {root.resolve() for root in committed}
-        out = REPO_ROOT / ("results" if only_committed and not args.wandb_project else "outputs/results")
-    written = write_outputs(report, out)
+    only_committed = {root.resolve() for root in roots} == {root.resolve() for root in committed}
+    default_out = "results" if only_committed and not args.wandb_project else "outputs/results"
+    written = write_outputs(report, args.out or REPO_ROOT / default_out)
     completed = sum(run.completed for run in report.runs)
     print(
         f"{len(report.runs)} runs ({completed} completed, {len(report.runs) - completed} failed, "

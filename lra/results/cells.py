@@ -1,17 +1,16 @@
 """From runs to table cells.
 
-A ``summary.json`` becomes a Run (runs.py). Duplicates of one run are dropped (the completed, then the newest
-one stays). The rest are grouped by (recipe, device) into Sections, which never share a number, and within a
-Section by (task, attention, config variant) into Cells. A cell's numbers come from its completed runs: the
-mean and the sample standard deviation (n - 1) of test accuracy over seeds, mean steps/s and peak memory, and
-these two relative to softmax attention on the same task and config. Every (task, attention) of the grid gets
-a cell, empty when nothing ran there, so that missing results show.
+Duplicates of one run are dropped (runs.deduplicate). The rest are grouped by (recipe, device) into Sections,
+which never share a number, and within a Section by (task, attention, config variant) into Cells: mean and
+sample std (n - 1) of test accuracy over the completed seeds, mean steps/s and peak memory, and these two
+relative to softmax on the same task and config. Every (task, attention) of the grid gets a cell, empty when
+nothing ran there, so that missing results show.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -149,20 +148,13 @@ def averages(cells: list[Cell], attentions: list[str]) -> list[Average]:
     """Per attention, the mean of its main-config cells' means and the published average over those tasks."""
     result = []
     for attention in attentions:
-        used = [
-            cell
-            for cell in cells
-            if cell.attention == attention
-            and cell.main_variant
-            and cell.runs
-            and cell.task not in AVERAGE_EXCLUDES
-        ]
+        used = [cell for cell in cells if cell.attention == attention and cell.main_variant and cell.runs]
+        used = [cell for cell in used if cell.task not in AVERAGE_EXCLUDES]
         published: float | str = published_accuracy(attention, "listops")
-        if isinstance(published, float) and not used:
-            published = MISSING
-        elif isinstance(published, float):
+        if isinstance(published, float):
             values = [cell.published for cell in used]
-            published = statistics.fmean(values) if all(isinstance(v, float) for v in values) else "n/a"
+            floats = all(isinstance(value, float) for value in values)
+            published = (statistics.fmean(values) if floats else "n/a") if used else MISSING
         mean = statistics.fmean(cell.acc_mean for cell in used) if used else None
         result.append(Average(attention, [cell.task for cell in used], mean, published))
     return result
@@ -172,25 +164,21 @@ def build_section(
     profile: str, device: str, runs: list[Run], tasks: list[str], attentions: list[str]
 ) -> Section:
     """Cells, relative cost and averages of the runs of one (recipe, device) pair, in table order."""
-    by_cell: dict[tuple[str, str, str], list[Run]] = defaultdict(list)
-    for run in runs:
-        by_cell[(run.task, run.attention, run.variant)].append(run)
     numbers = cell_numbers([run for run in runs if run.completed])
     main = main_variants(runs)
     cells = []
-    for task in tasks:
+    for task, attention in itertools.product(tasks, attentions):
+        mine = [run for run in runs if (run.task, run.attention) == (task, attention)]
+        # The task's main config first (an empty cell when this attention has no run of it), then others.
         main_variant = main.get(task, "")
-        for attention in attentions:
-            # The task's main config first (an empty cell when this attention has no run of it), then others.
-            variants = {variant for (t, a, variant) in by_cell if (t, a) == (task, attention)} | {
-                main_variant
-            }
-            for variant in sorted(variants, key=lambda variant: (variant != main_variant, variant)):
-                key = (task, attention, variant)
-                cell = Cell(task, attention, variant, variant == main_variant, **numbers.get(key, {}))
-                for run in by_cell.get(key, []):
-                    (cell.runs if run.completed else cell.failed).append(run)
-                cells.append(cell)
+        variants = sorted(
+            {run.variant for run in mine} | {main_variant}, key=lambda v: (v != main_variant, v)
+        )
+        for variant in variants:
+            done = [run for run in mine if run.variant == variant]
+            completed, failed = [r for r in done if r.completed], [r for r in done if not r.completed]
+            key = (task, attention, variant)
+            cells.append(Cell(*key, variant == main_variant, completed, failed, **numbers.get(key, {})))
     failed = sorted((run for cell in cells for run in cell.failed), key=listing_order)
     return Section(profile, device, cells, averages(cells, attentions), failed)
 
@@ -207,9 +195,9 @@ def aggregate(
     names = {*(tasks or LRA_TASKS), *(run.task for run in kept)}
     tasks = [task for task in LRA_TASKS if task in names] + sorted(names - set(LRA_TASKS))
     attentions = ordered(list(attentions or registered_attentions()) + [run.attention for run in kept])
-    by_section: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    by_section: dict[tuple[str, str], list[Run]] = {}
     for run in kept:
-        by_section[(run.profile, run.device)].append(run)
+        by_section.setdefault((run.profile, run.device), []).append(run)
     order = sorted(by_section, key=lambda key: (key[0] != "official", key))
     sections = [build_section(*key, by_section[key], tasks, attentions) for key in order]
     return Report(sections, kept, superseded, list(problems), list(roots))

@@ -1,30 +1,24 @@
-"""A side-by-side printout of a few runs (``python -m lra.results --runs DIR --compare``), stdout only.
+"""``python -m lra.results --runs DIR --compare``: a few runs side by side on stdout.
 
-Per task, recipe and device: one row per attention (test accuracy, best validation accuracy, steps/s, wall
-time, peak memory; mean ± std over seeds), then the chance rate and the test set's majority-class rate, so a
-small comparison says whether either attention learned anything.
+Per task, recipe and device, one row per attention (mean ± std over seeds), then the chance and the test set's
+majority-class rates, so a small comparison says whether either attention learned anything.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from lra.registry import attention_rank
 from lra.results.curves import MAJORITY_APPROX, NUM_CLASSES, recorded_majority
-from lra.results.runs import LRA_TASKS, Run, display_path, read_summaries, recipe_label, run_from_summary
+from lra.results.runs import LRA_TASKS, Run, recipe_label
 
 
 def majority_rate(task: str, data: dict[str, Any]) -> tuple[float | None, str]:
-    """The test split's majority-class share and where it comes from.
-
-    Exact when the run's summary recorded ``data.class_counts.test`` (a list or a {label: count} dict);
-    otherwise the documented value for the task's official data, labelled approximate.
-    """
+    """The test split's majority-class share and where it comes from: the run's recorded class counts, else
+    the task's official data (approximate)."""
     recorded = recorded_majority(data, "test")
     if recorded is not None:
         return recorded[0], f"this run's test set ({recorded[1]} examples)"
@@ -34,7 +28,7 @@ def majority_rate(task: str, data: dict[str, Any]) -> tuple[float | None, str]:
 
 
 def _stat(values: pd.Series, scale: float = 1.0, pattern: str = ".2f") -> str:
-    """Mean ± sample std (n - 1) of the values present, only the mean for one value, "—" for none."""
+    """Mean ± sample std (n - 1) of the values present; only the mean for one value."""
     present = scale * values.dropna().astype(float)
     if present.empty:
         return "—"
@@ -63,8 +57,7 @@ NOT_LEARNING_MARGIN = 0.01
 
 
 def _verdicts(block: pd.DataFrame, majority: float | None) -> list[str]:
-    """One line per attention whose mean test accuracy is no better than always answering the majority
-    class, so a lagging attention is said in words, not left to the reader to spot in the table."""
+    """A line per attention whose mean test accuracy is no better than always answering the majority class."""
     if majority is None:
         return []
     means = (
@@ -79,21 +72,11 @@ def _verdicts(block: pd.DataFrame, majority: float | None) -> list[str]:
     ]
 
 
-HEADER = (
-    "attention",
-    "seeds",
-    "config",
-    "test acc %",
-    "best val acc %",
-    "steps/s",
-    "wall s",
-    "peak mem GB",
-    "",
-)
+HEADER = ("attention", "seeds", "config", "test acc %", "best val acc %", "steps/s", "wall s", "peak mem GB")
 
 
 def render_comparison(runs: list[tuple[Run, dict[str, Any]]]) -> str:
-    """The printout for (run, summary) pairs: one block per (task, recipe, device)."""
+    """One block per (task, recipe, device) of (run, summary) pairs."""
     if not runs:
         return "No summary.json found.\n"
     frame = pd.DataFrame(
@@ -109,8 +92,11 @@ def render_comparison(runs: list[tuple[Run, dict[str, Any]]]) -> str:
         by_config = sorted(
             block.groupby(["attention", "variant"]), key=lambda item: (attention_rank(item[0][0]), item[0])
         )
-        rows = [HEADER, *(_row(attention, variant, group) for (attention, variant), group in by_config)]
-        widths = [max(len(row[column]) for row in rows) for column in range(len(HEADER))]
+        rows = [
+            (*HEADER, ""),
+            *(_row(attention, variant, group) for (attention, variant), group in by_config),
+        ]
+        widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
         lines += [f"{task} · {recipe_label(profile)} · {device}"]
         lines += [
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
@@ -126,10 +112,3 @@ def render_comparison(runs: list[tuple[Run, dict[str, Any]]]) -> str:
         lines += _verdicts(block, majority)
         lines += [""]
     return "\n".join(lines)
-
-
-def load_with_summaries(roots: Sequence[Path]) -> tuple[list[tuple[Run, dict[str, Any]]], list[str]]:
-    """(Run, summary dict) for every readable ``summary.json`` under ``roots``; problems as messages."""
-    return read_summaries(
-        roots, lambda path, summary: (run_from_summary(summary, display_path(path)), summary)
-    )

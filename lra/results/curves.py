@@ -1,8 +1,7 @@
-"""Learning curves: validation accuracy against training step and training time, one figure per task.
+"""Learning curves: validation accuracy against training step and time, one figure per task.
 
-Each run's curve comes from what it already logs: Lightning's CSVLogger file ``<run dir>/csv/metrics.csv``.
-``python -m lra.results --collect`` stores a compact ``curve.csv`` beside the committed ``summary.json``, so
-the figures regenerate from the repository alone; runs without either file are left out of the figures.
+A run's curve comes from its CSVLogger file ``<run dir>/csv/metrics.csv``; ``--collect`` stores it compactly
+as ``curve.csv`` beside the committed ``summary.json``, so the figures regenerate from the repository alone.
 """
 
 from __future__ import annotations
@@ -14,33 +13,24 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from lra.registry import registered_attentions
+
 if TYPE_CHECKING:
     from lra.results.cells import Report
 
 CURVE_FILE = "curve.csv"
 CURVE_COLUMNS = ["step", "val_acc", "train_loss", "elapsed_s"]
-# A wall-clock column train.py may log (seconds since training started, validation included); without
-# it, elapsed time is estimated from the run's mean step time, which leaves validation out.
+# Seconds since training started, validation included; without it, steps × the mean step time.
 WALL_CLOCK_COLUMNS = ("time/elapsed_s", "perf/elapsed_s")
-# Classes per task, for the chance line (1 / classes).
 NUM_CLASSES = {"listops": 10, "text": 2, "retrieval": 2, "image": 10, "pathfinder": 2, "pathx": 2}
-# Majority-class share of each task's official test set, for runs that did not record class counts: LRA's
-# ListOps (Tay et al. 2021, arXiv 2011.04006; after Nangia and Bowman 2018, arXiv 1804.06028) has classes 0
-# and 9 at about 17% each; the IMDb and CIFAR-10 test sets are balanced, Pathfinder and Path-X balanced by
-# construction. Reduced or subsampled data can differ a little.
-MAJORITY_APPROX = {
-    "listops": 0.17,
-    "text": 0.5,
-    "retrieval": 0.5,
-    "image": 0.1,
-    "pathfinder": 0.5,
-    "pathx": 0.5,
-}
+# Majority-class share of each official test set, for runs that recorded no class counts: ListOps (Tay et
+# al. 2021, arXiv 2011.04006) has classes 0 and 9 at about 17% each; the others are balanced.
+MAJORITY_APPROX = {task: 1 / classes for task, classes in NUM_CLASSES.items()} | {"listops": 0.17}
 
 
 def recorded_majority(data: dict[str, Any], split: str) -> tuple[float, int] | None:
-    """(majority-class share, examples) of ``split`` from a summary's ``data.class_counts`` (a list or a
-    {label: count} dict), or None when the run did not record them."""
+    """(majority-class share, examples) of ``split`` from ``data.class_counts`` (a list or a {label: count}
+    dict), or None when the run did not record them."""
     counts = (data.get("class_counts") or {}).get(split)
     if isinstance(counts, dict):
         counts = list(counts.values())
@@ -48,11 +38,8 @@ def recorded_majority(data: dict[str, Any], split: str) -> tuple[float, int] | N
 
 
 def curve_from_metrics(metrics_csv: Path, step_ms: float | None = None) -> pd.DataFrame | None:
-    """One row per validation: steps trained, val accuracy, the last train loss and elapsed seconds.
-
-    ``step_ms`` (the run's mean step time from summary.json) is the fallback when the CSV logged no
-    ``perf/step_ms``. Returns None when the file holds no validation accuracy.
-    """
+    """One row per validation (CURVE_COLUMNS), or None without any; ``step_ms`` (summary.json's mean step
+    time) stands in where the CSV logged no ``perf/step_ms``."""
     log = pd.read_csv(metrics_csv)
     if "val/acc" not in log or "step" not in log:
         return None
@@ -68,9 +55,7 @@ def curve_from_metrics(metrics_csv: Path, step_ms: float | None = None) -> pd.Da
         curve["elapsed_s"] = _last_at_or_before(log, wall, curve["step"])
     else:
         # perf/step_ms is the running mean over the steps timed so far; fall back to the run's mean.
-        mean_ms = _last_at_or_before(log, "perf/step_ms", curve["step"]).fillna(
-            step_ms if step_ms else float("nan")
-        )
+        mean_ms = _last_at_or_before(log, "perf/step_ms", curve["step"]).fillna(step_ms or float("nan"))
         curve["elapsed_s"] = curve["step"] * mean_ms / 1000
     return curve[CURVE_COLUMNS]
 
@@ -84,7 +69,7 @@ def _last_at_or_before(log: pd.DataFrame, column: str, steps: pd.Series) -> pd.S
 
 
 def read_curve(run_dir: Path, summary: dict[str, Any] | None = None) -> pd.DataFrame | None:
-    """The run's curve: a stored ``curve.csv``, else one derived from ``csv/metrics.csv``, else None."""
+    """A stored ``curve.csv``, else one derived from ``csv/metrics.csv``, else None."""
     stored, metrics = run_dir / CURVE_FILE, run_dir / "csv" / "metrics.csv"
     step_ms = ((summary or {}).get("perf") or {}).get("step_ms")
     # A damaged file leaves the run out of the figures rather than failing the whole table.
@@ -115,10 +100,7 @@ def plot_task(
     majority: float | None = None,
 ) -> None:
     """Mean val accuracy over seeds per attention with a min-max band, against step and against time.
-
-    ``majority``: the majority-class share of the validation examples the runs scored (from their class
-    counts); None draws the task's approximate official rate instead.
-    """
+    ``majority`` (of the scored validation examples) None draws the approximate official rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -142,6 +124,7 @@ def plot_task(
             if len(runs) > 1:
                 axis.fill_between(x, stats["low"], stats["high"], color=colour, alpha=0.2, linewidth=0)
     for axis in (by_step, by_time):
+        axis.grid(alpha=0.3)
         if task in NUM_CLASSES:
             axis.axhline(100 / NUM_CLASSES[task], color="grey", linestyle="--", linewidth=1, label="chance")
         if majority is not None and majority * NUM_CLASSES.get(task, 0) > 1.001:
@@ -150,13 +133,9 @@ def plot_task(
             rate = 100 * MAJORITY_APPROX[task]
             axis.axhline(rate, color="grey", linestyle=":", linewidth=1, label="majority class (approx.)")
     by_step.set_xlabel("training step")
-    # Runs that logged time/elapsed_s plot wall-clock time with evaluation included; older runs fall back
-    # to steps × mean step time (curve_from_metrics).
     by_time.set_xlabel("seconds since training started (wall clock)")
     by_step.set_ylabel("validation accuracy %")
     by_step.legend(loc="best", fontsize=8)
-    for axis in (by_step, by_time):
-        axis.grid(alpha=0.3)
     figure.suptitle(f"{task}: {title} (line: mean over seeds, band: min–max)", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,10 +145,8 @@ def plot_task(
 
 
 def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
-    """One learning-curve PNG per (recipe, device, task) under ``out_dir/curves``, from the main config's
-    completed runs that have a curve; stale PNGs there are removed. Returns the links per section."""
-    from lra.registry import registered_attentions
-
+    """One PNG per (recipe, device, task) under ``out_dir/curves`` from the main config's completed runs;
+    stale PNGs there are removed. Returns the links per (profile, device)."""
     folder, links, written = out_dir / "curves", {}, set()
     for section in report.sections:
         for task in dict.fromkeys(cell.task for cell in section.cells):

@@ -1,5 +1,5 @@
-"""The written results: lra.md (tables per recipe and device), lra.csv and lra.json (one record per cell)
-and README.md (how every number was produced: each run's command, commit, device and recipe)."""
+"""lra.md (tables per recipe and device), lra.csv and lra.json (one record per cell) and README.md (how every
+number was produced: each run's command, commit, device and recipe)."""
 
 from __future__ import annotations
 
@@ -19,16 +19,8 @@ NO_STD = "–"
 
 
 def fmt(value: float | str | None, pattern: str = ".2f") -> str:
-    """A number as ``pattern``; a string as it is (a published "FAIL"); MISSING for None."""
-    if value is None:
-        return MISSING
-    return value if isinstance(value, str) else format(value, pattern)
-
-
-def _accuracy(cell: Cell) -> str:
-    if cell.acc_mean is None:
-        return MISSING
-    return f"{cell.acc_mean:.2f} ± {NO_STD if cell.acc_std is None else fmt(cell.acc_std)}"
+    """A number as ``pattern``; a string (a published "FAIL") as it is."""
+    return MISSING if value is None else value if isinstance(value, str) else format(value, pattern)
 
 
 def _one_line(text: str, limit: int = 160) -> str:
@@ -36,20 +28,17 @@ def _one_line(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _md_row(values: Iterable[Any]) -> str:
-    return "| " + " | ".join(str(value).replace("|", "\\|") for value in values) + " |"
-
-
 def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    return [_md_row(header), _md_row("---" for _ in header), *(_md_row(row) for row in rows)]
+    def row(values: Iterable[Any]) -> str:
+        return "| " + " | ".join(str(value).replace("|", "\\|") for value in values) + " |"
+
+    return [row(header), row("---" for _ in header), *map(row, rows)]
 
 
 def _listing(title: str, items: Sequence[str]) -> list[str]:
     return [f"## {title}", "", *(f"- {item}" for item in items), ""] if items else []
 
 
-# A hand-written reading of the tables, kept beside them and copied into lra.md's header.
-READING_FILE = "reading.md"
 LRA_MD_HEADER = """\
 # LRA results
 
@@ -72,28 +61,14 @@ How every number was produced (command, commit, device, recipe): [README.md](REA
 """
 
 
-def _cell_row(section: Section, cell: Cell) -> tuple:
-    recipe = (
-        section.recipe
-        if cell.main_variant
-        else f"{section.recipe}, other config {cell.variant} (not averaged)"
-    )
-    return (
-        cell.task,
-        cell.attention,
-        recipe,
-        section.device,
-        _accuracy(cell),
-        cell.n,
-        len(cell.failed),
-        fmt(cell.steps_per_s, ".3g"),
-        fmt(cell.steps_vs_softmax),
-        fmt(cell.peak_mem_gb),
-        fmt(cell.mem_vs_softmax),
-        fmt(cell.published),
-        fmt(cell.delta, "+.2f"),
-        cell.commits or MISSING,
-    )
+def _cell_row(section: Section, cell: Cell) -> list:
+    recipe = section.recipe + ("" if cell.main_variant else f", other config {cell.variant} (not averaged)")
+    std = NO_STD if cell.acc_std is None else fmt(cell.acc_std)
+    accuracy = MISSING if cell.acc_mean is None else f"{cell.acc_mean:.2f} ± {std}"
+    row = [cell.task, cell.attention, recipe, section.device, accuracy, cell.n, len(cell.failed)]
+    row += [fmt(cell.steps_per_s, ".3g"), fmt(cell.steps_vs_softmax), fmt(cell.peak_mem_gb)]
+    row += [fmt(cell.mem_vs_softmax), fmt(cell.published), fmt(cell.delta, "+.2f"), cell.commits or MISSING]
+    return row
 
 
 def _section_markdown(section: Section, links: list[tuple[str, str]]) -> list[str]:
@@ -106,18 +81,9 @@ def _section_markdown(section: Section, links: list[tuple[str, str]]) -> list[st
             "off they are.",
             "",
         ]
-    header = (
-        "task",
-        "attention",
-        "recipe",
-        "device",
-        "test acc % (mean ± std)",
-        "seeds",
-        "failed",
-        "steps/s",
-    )
-    header += ("steps/s ÷ softmax", "peak mem GB", "mem ÷ softmax", f"published ({published_source()})")
-    header += ("Δ vs published", "commit")
+    header = ("task", "attention", "recipe", "device", "test acc % (mean ± std)", "seeds", "failed")
+    header += ("steps/s", "steps/s ÷ softmax", "peak mem GB", "mem ÷ softmax")
+    header += (f"published ({published_source()})", "Δ vs published", "commit")
     lines += md_table(header, (_cell_row(section, cell) for cell in section.cells)) + [""]
     if links:
         lines += [
@@ -135,16 +101,11 @@ def _section_markdown(section: Section, links: list[tuple[str, str]]) -> list[st
         "",
     ]
     header = ("attention", "tasks averaged", "mean test acc %", "published, same tasks", "Δ")
-    rows = [
-        (
-            average.attention,
-            f"{len(average.tasks)}: {', '.join(average.tasks)}" if average.tasks else MISSING,
-            fmt(average.acc_mean),
-            fmt(average.published),
-            fmt(average.delta, "+.2f"),
-        )
-        for average in section.averages
-    ]
+    rows = []
+    for average in section.averages:
+        tasks = f"{len(average.tasks)}: {', '.join(average.tasks)}" if average.tasks else MISSING
+        numbers = (fmt(average.acc_mean), fmt(average.published), fmt(average.delta, "+.2f"))
+        rows.append((average.attention, tasks, *numbers))
     lines += md_table(header, rows) + [""]
     if section.failed:
         lines += [f"### Failed runs ({len(section.failed)}, not averaged)", ""]
@@ -253,7 +214,7 @@ def render_json(report: Report) -> str:
         "superseded": [_run_record(run) for run in sorted(report.superseded, key=listing_order)],
         "problems": report.problems,
     }
-    return json.dumps(payload, indent=2, sort_keys=False) + "\n"
+    return json.dumps(payload, indent=2) + "\n"
 
 
 README_HEADER = """\
@@ -290,33 +251,23 @@ The command is rebuilt from the run's Hydra overrides (`overrides.yaml`) when th
 """
 
 
+def _readme_table(runs: Iterable[Run]) -> list[str]:
+    header = ("recipe", "device", "task", "attention", "seed", "status", "test acc %", "config", "commit")
+    rows = []
+    for run in sorted(runs, key=listing_order):
+        accuracy = MISSING if run.test_acc is None else f"{100 * run.test_acc:.2f}"
+        row = [recipe_label(run.profile), run.device, run.task, run.attention, run.seed]
+        row += [_one_line(run.status, 80), accuracy, run.variant, short_commit(run.commit)]
+        rows.append(row + [f"`{run.command}`", f"`{run.source}`"])
+    return md_table((*header, "command", "summary"), rows)
+
+
 def render_readme(report: Report) -> str:
     """results/README.md: how every number in lra.md was produced (command, commit, device, recipe)."""
     lines = [README_HEADER]
     if report.roots:
         lines += ["Read from: " + ", ".join(f"`{root}`" for root in report.roots) + ".", ""]
-    header = ("recipe", "device", "task", "attention", "seed", "status", "test acc %", "config", "commit")
-    header += ("command", "summary")
-
-    def rows(runs: Iterable[Run]) -> list[tuple]:
-        return [
-            (
-                recipe_label(run.profile),
-                run.device,
-                run.task,
-                run.attention,
-                run.seed,
-                _one_line(run.status, 80),
-                MISSING if run.test_acc is None else f"{100 * run.test_acc:.2f}",
-                run.variant,
-                short_commit(run.commit),
-                f"`{run.command}`",
-                f"`{run.source}`",
-            )
-            for run in sorted(runs, key=listing_order)
-        ]
-
-    lines += (md_table(header, rows(report.runs)) if report.runs else ["No runs found."]) + [""]
+    lines += (_readme_table(report.runs) if report.runs else ["No runs found."]) + [""]
     if report.superseded:
-        lines += ["## Superseded runs (not counted)", "", *md_table(header, rows(report.superseded)), ""]
+        lines += ["## Superseded runs (not counted)", "", *_readme_table(report.superseded), ""]
     return "\n".join(lines + _listing("Problems", report.problems))

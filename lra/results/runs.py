@@ -1,8 +1,5 @@
-"""A Run: one training run as read from its ``summary.json`` (written by train.py) or from W&B.
-
-Also where runs come from: every ``summary.json`` under some folders, the W&B API, and ``collect_runs``,
-which copies a sweep's summaries into the committed layout of results/runs/.
-"""
+"""A Run: one training run as read from its ``summary.json`` (written by train.py) or from W&B; where runs
+come from; and ``collect_runs``, which copies a sweep's summaries into the layout of results/runs/."""
 
 from __future__ import annotations
 
@@ -18,6 +15,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import yaml
+
 from lra.registry import attention_rank
 from lra.results.curves import CURVE_FILE, read_curve, recorded_majority, write_curve
 from lra.summary import REPO_ROOT
@@ -29,14 +28,14 @@ NOT_RECIPE_KEYS = {
     "data": {"data_dir", "data_root", "num_workers", "seed", "cache_dir"},
     "trainer": {"default_root_dir", "enable_progress_bar", "log_every_n_steps"},
 }
-# Fields that only serve this program and are never written out: a clone resets file times and paths.
+# Never written out: a clone resets file times and paths.
 UNPUBLISHED_FIELDS = ("timestamp", "val_majority", "folder")
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class Run:
-    """One training run, read from a summary.json or a W&B run. Accuracies are fractions (0-1)."""
+    """One training run. Accuracies are fractions (0-1)."""
 
     task: str
     attention: str
@@ -44,8 +43,7 @@ class Run:
     device: str
     seed: int
     status: str
-    # recipe_variant(config): runs with different variants never share a table cell.
-    variant: str
+    variant: str  # recipe_variant(config): runs of different variants never share a table cell
     test_acc: float | None = None
     val_acc_best: float | None = None
     steps_per_s: float | None = None
@@ -55,13 +53,9 @@ class Run:
     data_source: str = ""
     command: str = ""
     source: str = ""
-    # When the run finished: summary.json's own `finished_at` when it has one, else the file's mtime. It
-    # only chooses between duplicates of one run.
-    timestamp: float = 0.0
-    # Majority-class share of the validation examples the run scored, for the learning-curve figures.
-    val_majority: float | None = None
-    # The folder of a local run's summary.json, where its learning curve is (None for W&B runs).
-    folder: Path | None = None
+    timestamp: float = 0.0  # when the run finished; only chooses between duplicates of one run
+    val_majority: float | None = None  # majority-class share of the scored validation examples
+    folder: Path | None = None  # a local run's folder, where its learning curve is
 
     @property
     def completed(self) -> bool:
@@ -81,17 +75,15 @@ def recipe_variant(config: dict[str, Any] | None) -> str:
     """Short hash of the settings that change what is trained (RECIPE_NODES); "unknown" without a config."""
     if not config:
         return "unknown"
-    chosen = {}
-    for node in RECIPE_NODES:
-        value = config.get(node)
-        if isinstance(value, dict):
-            value = {key: item for key, item in value.items() if key not in NOT_RECIPE_KEYS.get(node, ())}
-        chosen[node] = value
+    chosen = {node: config.get(node) for node in RECIPE_NODES}
+    for node, ignored in NOT_RECIPE_KEYS.items():
+        if isinstance(chosen[node], dict):
+            chosen[node] = {key: value for key, value in chosen[node].items() if key not in ignored}
     return hashlib.sha1(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def listing_order(run: Run) -> tuple:
-    """Where a run goes in listings: official recipe first, then recipe, device, task, attention, seed."""
+    """Official recipe first, then recipe, device, task, attention, seed."""
     task_rank = LRA_TASKS.index(run.task) if run.task in LRA_TASKS else len(LRA_TASKS)
     where = (run.profile != "official", run.profile, run.device)
     return (*where, task_rank, run.task, attention_rank(run.attention), run.attention, run.seed)
@@ -115,9 +107,7 @@ def _command(task: str, attention: str, profile: str, seed: int, overrides: list
 
 
 def _read_overrides(summary_path: Path) -> list[str] | None:
-    """The run's Hydra overrides: .hydra/overrides.yaml in a run dir, overrides.yaml in results/runs/."""
-    import yaml
-
+    """.hydra/overrides.yaml in a run dir, overrides.yaml in results/runs/."""
     for candidate in (
         summary_path.parent / ".hydra" / "overrides.yaml",
         summary_path.parent / "overrides.yaml",
@@ -127,12 +117,6 @@ def _read_overrides(summary_path: Path) -> list[str] | None:
     return None
 
 
-def _status(status: Any, test_acc: float | None) -> str:
-    status = str(status)
-    # A run that finished without a test accuracy cannot be averaged: list it with the failures.
-    return "completed without test/acc" if status == "completed" and test_acc is None else status
-
-
 def run_from_summary(
     summary: dict[str, Any],
     source: str = "",
@@ -140,19 +124,21 @@ def run_from_summary(
     overrides: list[str] | None = None,
     folder: Path | None = None,
 ) -> Run:
-    """A Run from the dict train.py writes to ``<run dir>/summary.json`` (in ``folder``)."""
     metrics, perf, data = summary.get("metrics") or {}, summary.get("perf") or {}, summary.get("data") or {}
     config = summary.get("config")
     task, attention, profile = summary["task"], summary["attention"], summary.get("profile") or "unknown"
     seed = int(summary.get("seed", config.get("seed", 0) if config else 0))
     test_acc = _float(metrics.get("test/acc"))
+    status = str(summary.get("status", "unknown"))
+    if status == "completed" and test_acc is None:  # cannot be averaged: listed with the failures
+        status = "completed without test/acc"
     return Run(
         task=task,
         attention=attention,
         profile=profile,
         device=summary.get("device") or "unknown",
         seed=seed,
-        status=_status(summary.get("status", "unknown"), test_acc),
+        status=status,
         variant=recipe_variant(config),
         test_acc=test_acc,
         val_acc_best=_float(metrics.get("val/acc_best")),
@@ -179,7 +165,7 @@ def display_path(path: Path) -> str:
 
 
 def finished_at(summary: dict[str, Any], path: Path) -> float:
-    """Seconds since the epoch when the run ended: summary.json's ``finished_at`` (ISO 8601), else mtime."""
+    """Seconds since the epoch: summary.json's ``finished_at`` (ISO 8601), else the file's mtime."""
     stamp = summary.get("finished_at")
     if isinstance(stamp, (int, float)):
         return float(stamp)
@@ -192,8 +178,7 @@ def finished_at(summary: dict[str, Any], path: Path) -> float:
 def read_summaries(
     roots: Sequence[Path], convert: Callable[[Path, dict[str, Any]], T]
 ) -> tuple[list[T], list[str]]:
-    """``convert(path, summary)`` of every ``summary.json`` under ``roots``; unreadable files are reported as
-    problems, not dropped."""
+    """``convert(path, summary)`` of every ``summary.json`` under ``roots``; unreadable ones as problems."""
     converted, problems = [], []
     for path in (path for root in roots for path in sorted(root.rglob("summary.json"))):
         try:
@@ -204,7 +189,6 @@ def read_summaries(
 
 
 def load_local_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
-    """A Run for every ``summary.json`` under ``roots``, and the problems met reading them."""
     return read_summaries(
         roots,
         lambda path, summary: run_from_summary(
@@ -235,7 +219,7 @@ def run_from_wandb(run: Any) -> Run:
 
 
 def load_wandb_runs(project: str) -> tuple[list[Run], list[str]]:
-    """Runs of ``ENTITY/PROJECT`` through ``wandb.Api()``; an unreachable API is a message, not a crash."""
+    """Runs of ``ENTITY/PROJECT``; an unreachable API is a message, not a crash."""
     try:
         import wandb
 
@@ -281,12 +265,11 @@ def slug(text: str) -> str:
 
 
 def collect_runs(sweep_dir: Path, runs_dir: Path) -> list[Path]:
-    """Copy each run's summary.json (and its Hydra overrides) found under ``sweep_dir`` into ``runs_dir``.
+    """Copy each summary.json under ``sweep_dir`` (with its Hydra overrides and learning curve) to
+    ``<runs_dir>/<profile>/<device>/<task>/<attention>/seed<k>-<variant>/``; returns the summaries written.
 
-    Layout: ``<runs_dir>/<profile>/<device>/<task>/<attention>/seed<k>-<config>/``, where ``<config>`` is the
-    recipe_variant hash, so a run with extra overrides never replaces a plain one. A folder already there
-    is replaced by a completed run, or by a newer one when neither completed: a later crash never erases a
-    result. Returns the summaries written.
+    A folder already there is replaced by a completed run, or by a newer one when neither completed: a later
+    crash never erases a result.
     """
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"--collect {sweep_dir}: no such folder; pass a Hydra sweep or run directory")
@@ -305,8 +288,7 @@ def collect_runs(sweep_dir: Path, runs_dir: Path) -> list[Path]:
             if (old.completed, old.timestamp) > (run.completed, run.timestamp):
                 continue
         target.mkdir(parents=True, exist_ok=True)
-        # copy2 keeps the modification time, which decides between duplicate runs later.
-        shutil.copy2(path, existing)
+        shutil.copy2(path, existing)  # copy2 keeps the mtime, which decides between duplicates later
         overrides = path.parent / ".hydra" / "overrides.yaml"
         if overrides.is_file():
             shutil.copy2(overrides, target / "overrides.yaml")
@@ -314,7 +296,7 @@ def collect_runs(sweep_dir: Path, runs_dir: Path) -> list[Path]:
         curve = read_curve(path.parent, summary)
         if curve is not None:
             write_curve(curve, target / CURVE_FILE)
-        elif (target / CURVE_FILE).is_file():
-            (target / CURVE_FILE).unlink()
+        else:
+            (target / CURVE_FILE).unlink(missing_ok=True)
         copied.append(existing)
     return copied
