@@ -1,28 +1,15 @@
-"""Efficiency benchmark: every registered attention, time and memory against sequence length.
+"""Efficiency benchmark: every registered attention, time and memory against sequence length (README,
+"Efficiency benchmark"). ``python -m lra.bench [bench=default|gpu|smoke] [output_dir=...] [logger=wandb]``.
 
-    python -m lra.bench                           # CPU grid (conf/bench/default.yaml) into outputs/bench/
-    python -m lra.bench bench=gpu                 # GPU grid (bf16, up to 64k, SDPA backends pinned)
-    python -m lra.bench bench=smoke output_dir=/tmp/bench
-    python -m lra.bench output_dir=results/efficiency   # regenerate the committed CPU benchmark
-    python -m lra.bench logger=wandb              # also log the rows as a W&B table (offline by default)
-
-Two levels (``lra/bench_levels.py``), both interleaved so that every method sees the same inputs in the same
-process: the operator level times the attention module alone against N, the model level one training step
-of a whole LRA model, laid out like the LRA paper's speed/memory table (Tay et al. 2021, arXiv 2011.04006,
-Table 2).
-
-The attentions come from ``conf/attention/*.yaml`` (the registry); a preset lists per-attention variants
-(constructor overrides such as TaylorShift modes or SDPA backends). Every outcome is a row of
-``<output_dir>/<label>/rows.jsonl`` (``output_dir`` defaults to the Hydra run directory, never to the
-committed ``results/``): measured, out of memory, skipped (and why) or failed; then
-``lra/bench_report.py`` writes ``report.md`` and the plots from that file alone.
+The operator and model levels (``lra/bench_levels.py``) write one row per outcome (measured, out of memory,
+skipped, failed) to ``<output_dir>/<label>/rows.jsonl``; ``lra/bench_report.py`` turns that file alone into
+``report.md`` and the plots.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -33,22 +20,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lra.bench_levels import ModelBench, OperatorBench, variants_from_config
-from lra.bench_rows import device_label
+from lra.bench_rows import device_label, problem_text
 from lra.errors import ConfigError
 from lra.registry import registered_attentions
-from lra.summary import REPO_ROOT, device_name, git_commit, to_jsonable
-from lra.timing import median_ms, warm_up
+from lra.summary import REPO_ROOT, device_name, git_commit, to_jsonable, versions
+from lra.timing import measure
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64")}
 
 
-BENCH_CONFIG = REPO_ROOT / "conf" / "bench.yaml"
-
-
 def shared_bench_config() -> DictConfig:
-    """conf/bench.yaml's own keys (seed, FLOP conventions), without its Hydra defaults: the root that scripts
-    building an ``OperatorBench`` / ``ModelBench`` outside a Hydra run merge their ``bench`` node into."""
-    shared = OmegaConf.load(BENCH_CONFIG)
+    """conf/bench.yaml's own keys (seed, FLOP conventions) without its defaults: the root into which scripts
+    that build an ``OperatorBench`` / ``ModelBench`` outside a Hydra run merge their ``bench`` node."""
+    shared = OmegaConf.load(REPO_ROOT / "conf" / "bench.yaml")
     for key in ("defaults", "hydra"):
         shared.pop(key)
     return shared
@@ -59,42 +43,21 @@ def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "device": device.type,
         "device_name": device_name(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda or "none",
         "git_commit": git_commit(),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
+        "cudnn": "none",
+        **versions(),
     }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = "none"
-    env["cudnn"] = str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "none"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        env["device_name"] = props.name
-        env["sm_count"] = props.multi_processor_count
+        env |= {"device_name": props.name, "sm_count": props.multi_processor_count}
         env["memory_gb"] = round(props.total_memory / 2**30, 1)
     return env
 
 
-def output_folder(output_dir: str | None, label: str) -> Path:
-    """``<output_dir>/<label>``; without ``output_dir`` the Hydra run directory (``outputs/bench/<time>``), so
-    that a scratch run never overwrites the committed ``results/efficiency/`` (it has to be named)."""
-    if output_dir:
-        return Path(output_dir) / label
-    if HydraConfig.initialized():
-        return Path(HydraConfig.get().runtime.output_dir) / label
-    # Composed without a Hydra run (the compose API, tests): the same layout under ./outputs/bench.
-    return Path("outputs") / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S") / label
-
-
 def default_label(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
-    return device_label(device.type, name)
+    return device_label(device.type, torch.cuda.get_device_name(device) if device.type == "cuda" else "")
 
 
 def calibration_row(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -103,10 +66,8 @@ def calibration_row(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     source = torch.empty(int(cfg.calibration.copy_mb * 2**20) // 4, device=device, dtype=torch.float32)
     target = torch.empty_like(source)
-    for fn in (lambda: a @ b, lambda: target.copy_(source)):
-        warm_up(fn, device, 1)
-    matmul_ms = median_ms(lambda: a @ b, device, repeats)[0]
-    copy_ms = median_ms(lambda: target.copy_(source), device, repeats)[0]
+    matmul_ms = measure(lambda: a @ b, device, 1, repeats, memory=False)[2]
+    copy_ms = measure(lambda: target.copy_(source), device, 1, repeats, memory=False)[2]
     return {
         "kind": "calibration",
         "dtype": str(dtype).removeprefix("torch."),
@@ -127,75 +88,71 @@ def select_device(name: str) -> torch.device:
 
 def run(cfg: DictConfig) -> Path:
     """Run the preset in ``cfg.bench``; write rows.jsonl, report.md and the plots; return their folder."""
+    from lra.bench_report import write_report
+
     bench = cfg.bench
     device = select_device(bench.device)
     if bench.dtype not in DTYPES:
         raise ConfigError(f"bench.dtype={bench.dtype!r} is not one of {sorted(DTYPES)}")
-    dtype = DTYPES[bench.dtype]
-    threads = torch.get_num_threads()
-    if bench.get("threads"):
-        torch.set_num_threads(int(bench.threads))
-    try:
-        return _run(cfg, device, dtype)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Path:
-    from lra.bench_report import write_report
-
-    bench = cfg.bench
-    label = cfg.label or default_label(device)
-    out_dir = output_folder(cfg.get("output_dir"), label)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment(device)
-    variants = variants_from_config(bench.variants, registered_attentions(bench.get("attentions")))
     levels = list(bench.levels)
     unknown = sorted(set(levels) - {"operator", "model"})
     if unknown:
         raise ConfigError(f"bench.levels has {unknown}; the levels are 'operator' and 'model'")
+    dtype, threads = DTYPES[bench.dtype], torch.get_num_threads()
+    attentions = registered_attentions(bench.get("attentions"))
+    variants = model_variants = variants_from_config(bench.variants, attentions)
+    if "model" in levels and bench.model_level.get("variants") is not None:
+        model_variants = variants_from_config(bench.model_level.variants, attentions)
+    label = cfg.label or default_label(device)
+    # Without output_dir: the Hydra run directory (outputs/bench/<time>), never the committed results/.
+    if cfg.get("output_dir"):
+        out_dir = Path(cfg.output_dir) / label
+    elif HydraConfig.initialized():
+        out_dir = Path(HydraConfig.get().runtime.output_dir) / label
+    else:  # composed without a Hydra run (the compose API, tests)
+        out_dir = Path("outputs") / "bench" / time.strftime("%Y-%m-%d_%H-%M-%S") / label
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, started = out_dir / "rows.jsonl", time.time()
+    if bench.get("threads"):
+        torch.set_num_threads(int(bench.threads))
+    try:
+        env = environment(device)
+        with path.open("w") as sink:
 
-    path = out_dir / "rows.jsonl"
-    started = time.time()
-    with path.open("w") as sink:
+            def emit(row: dict[str, Any]) -> None:
+                sink.write(json.dumps(to_jsonable(row), sort_keys=True) + "\n")
+                sink.flush()
+                print_row(row)
 
-        def emit(row: dict[str, Any]) -> None:
-            sink.write(json.dumps(to_jsonable(row), sort_keys=True) + "\n")
-            sink.flush()
-            _print_row(row)
-
-        run_row = {
-            "kind": "run",
-            **env,
-            "label": label,
-            "preset": bench.name,
-            "levels": levels,
-            "dtype": bench.dtype,
-            "load_avg_start": list(os.getloadavg()),
-            "notes": list(cfg.notes),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "config": OmegaConf.to_container(bench, resolve=True),
-            "references": list(bench.references),
-            "fwd_bwd_flop_factor": OmegaConf.to_container(cfg.fwd_bwd_flop_factor),
-        }
-        emit(run_row)
-        calibration = None
-        if bench.get("calibration"):
-            calibration = {**calibration_row(bench, device, dtype), **env}
-            emit(calibration)
-        if "operator" in levels:
-            for row in OperatorBench(cfg, variants, device, dtype, env, calibration).rows():
-                emit(row)
-        if "model" in levels:
-            level = bench.model_level
-            model_variants = (
-                variants
-                if level.get("variants") is None
-                else variants_from_config(level.variants, registered_attentions(bench.get("attentions")))
+            emit(
+                {
+                    "kind": "run",
+                    **env,
+                    "label": label,
+                    "preset": bench.name,
+                    "levels": levels,
+                    "dtype": bench.dtype,
+                    "load_avg_start": list(os.getloadavg()),
+                    "notes": list(cfg.notes),
+                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "config": OmegaConf.to_container(bench, resolve=True),
+                    "references": list(bench.references),
+                    "fwd_bwd_flop_factor": OmegaConf.to_container(cfg.fwd_bwd_flop_factor),
+                }
             )
-            for row in ModelBench(cfg, model_variants, device, env).rows():
-                emit(row)
-        emit({"kind": "run_end", "load_avg_end": list(os.getloadavg()), "wall_s": time.time() - started})
+            calibration = None
+            if bench.get("calibration"):
+                calibration = {**calibration_row(bench, device, dtype), **env}
+                emit(calibration)
+            if "operator" in levels:
+                for row in OperatorBench(cfg, variants, device, dtype, env, calibration).rows():
+                    emit(row)
+            if "model" in levels:
+                for row in ModelBench(cfg, model_variants, device, env).rows():
+                    emit(row)
+            emit({"kind": "run_end", "load_avg_end": list(os.getloadavg()), "wall_s": time.time() - started})
+    finally:
+        torch.set_num_threads(threads)
     write_report(path, out_dir)
     if "wandb" in (cfg.get("logger") or {}):
         log_to_wandb(cfg, path, out_dir, label)
@@ -203,25 +160,19 @@ def _run(cfg: DictConfig, device: torch.device, dtype: torch.dtype) -> Path:
     return out_dir
 
 
-def _print_row(row: dict[str, Any]) -> None:
+def print_row(row: dict[str, Any]) -> None:
+    """One line on stdout per operator or model row."""
     if row["kind"] not in ("operator", "model"):
         return
-    where = (
-        f"N={row['seq_len']:>6} d={row.get('head_dim')}"
-        if row["kind"] == "operator"
-        else f"model N={row['seq_len']:>5}"
-    )
-    if row.get("skipped") or row.get("error"):
-        result = "OOM" if row.get("oom") else ""
-        result = f"{result} {row.get('skipped') or row.get('error')}".strip()
-    elif row["kind"] == "operator":
+    operator = row["kind"] == "operator"
+    where = f"N={row['seq_len']:>6} d={row.get('head_dim')}" if operator else f"model N={row['seq_len']:>5}"
+    result = problem_text(row)
+    if not result:
         result = (
-            f"fwd {row['fwd_ms']:9.2f} ms  fwd+bwd {row['fwd_bwd_ms']:9.2f} ms  peak {row['peak_mb']:8.1f} MB"
-        )
-    else:
-        result = (
-            f"step {row['step_ms']:9.1f} ms  {row['steps_per_s']:6.2f} steps/s  peak {row['peak_mb']:8.1f} MB"
-        )
+            f"fwd {row['fwd_ms']:9.2f} ms  fwd+bwd {row['fwd_bwd_ms']:9.2f} ms"
+            if operator
+            else f"step {row['step_ms']:9.1f} ms  {row['steps_per_s']:6.2f} steps/s"
+        ) + f"  peak {row['peak_mb']:8.1f} MB"
     print(f"{where}  {row['label']:<36} {result}", flush=True)
 
 
@@ -243,19 +194,19 @@ def log_to_wandb(cfg: DictConfig, path: Path, out_dir: Path, label: str) -> None
     try:
         for kind in ("operator", "model", "calibration"):
             selected = [row for row in rows if row["kind"] == kind]
-            if not selected:
-                continue
-            columns = sorted({key for row in selected for key in row})
-            data = [[_wandb_cell(row.get(column)) for column in columns] for row in selected]
-            run.log({f"bench/{kind}": wandb.Table(columns=columns, data=data)})
-        images = {f"bench/{png.stem}": wandb.Image(str(png)) for png in sorted(out_dir.glob("*.png"))}
-        run.log(images)
+            if selected:
+                columns = sorted({key for row in selected for key in row})
+                data = [
+                    [
+                        json.dumps(v, sort_keys=True) if isinstance(v := row.get(c), dict | list) else v
+                        for c in columns
+                    ]
+                    for row in selected
+                ]
+                run.log({f"bench/{kind}": wandb.Table(columns=columns, data=data)})
+        run.log({f"bench/{png.stem}": wandb.Image(str(png)) for png in sorted(out_dir.glob("*.png"))})
     finally:
         run.finish()
-
-
-def _wandb_cell(value: Any) -> Any:
-    return json.dumps(value, sort_keys=True) if isinstance(value, dict | list) else value
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
@@ -265,6 +216,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # A ConfigError (a lra.errors.UserError) is reported by Hydra as its message alone; HYDRA_FULL_ERROR=1
-    # shows the traceback.
-    main()
+    main()  # a ConfigError prints as its message alone; HYDRA_FULL_ERROR=1 shows the traceback

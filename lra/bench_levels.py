@@ -1,15 +1,7 @@
-"""The efficiency benchmark's two levels (run by ``lra/bench.py``), over one sweep.
-
-* operator: the attention module alone on fresh N(0, 1) ``q, k, v [B, H, N, d]``; forward (no grad) and
-  forward + backward (random dO) times, median and IQR over repeats after warm-up; peak memory of fwd+bwd
-  with the inputs excluded; a correctness gate against the attention's first variant.
-* model: the whole LRA model of a task (``conf/config.yaml`` composed with ``task=...``), one training step
-  (forward, backward, optimiser step) at each sequence length: steps/s and peak memory, for the LRA paper's
-  speed/memory comparison (Tay et al. 2021, arXiv 2011.04006, Table 2).
-
-Both levels measure with ``lra/timing.py`` and hand every point to ``Sweep.point``, which turns whatever
-happens (measured, skipped, out of memory, failed) into the point's row.
-"""
+"""The benchmark's two levels (run by ``lra/bench.py``): the attention module alone on N(0, 1) q, k, v
+(operator), and one training step of a whole LRA model (model: the speed/memory comparison of Tay et al.
+2021, arXiv 2011.04006, Table 2). Both time with ``lra.timing.measure`` and hand every point to
+``Sweep.point``, which turns whatever happens (measured, skipped, out of memory, failed) into its row."""
 
 from __future__ import annotations
 
@@ -29,25 +21,15 @@ from torch import Tensor
 from lra.errors import ConfigError
 from lra.registry import ATTENTION_DIR, attention_factory, registered_attentions
 from lra.summary import to_jsonable
-from lra.timing import Sweep, median_ms, peak_memory_mb, release_memory, warm_up
+from lra.timing import Sweep, measure, release_memory
 from models.attention.base import Attention
-
-# Keys of a variant that steer the benchmark rather than the attention's constructor.
-VARIANT_BENCH_KEYS = ("quadratic", "compile")
-# What every row of a variant records about it.
-ROW_FIELDS = ("attention", "variant", "label", "overrides", "compile")
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One benchmarked configuration of a registered attention.
-
-    Args:
-        attention: the registry name (``conf/attention/<attention>.yaml``).
-        overrides: constructor keys merged over the YAML (e.g. ``{"mode": "direct"}``).
-        quadratic: the method materialises N×N, so it runs only up to ``max_n_quadratic``.
-        compile: wrap the module in ``torch.compile`` (compilation happens in the warm-up).
-    """
+    """A registered attention with constructor ``overrides`` merged over its YAML. ``quadratic``: it
+    materialises N×N, so it runs only up to ``max_n_quadratic``; ``compile``: time ``torch.compile(module)``
+    (compiled during the warm-up)."""
 
     attention: str
     overrides: dict[str, Any] = field(default_factory=dict)
@@ -57,24 +39,23 @@ class Variant:
     @property
     def variant(self) -> str:
         parts = [f"{key}={value}" for key, value in self.overrides.items()]
-        parts += ["compile"] if self.compile else []
-        return ",".join(parts) or "default"
+        return ",".join(parts + (["compile"] if self.compile else [])) or "default"
 
     @property
     def label(self) -> str:
         return self.attention if self.variant == "default" else f"{self.attention} {self.variant}"
 
     def row_fields(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in ROW_FIELDS}
+        return {
+            name: getattr(self, name) for name in ("attention", "variant", "label", "overrides", "compile")
+        }
 
 
 def variants_from_config(variants_cfg: Any, attentions: list[str]) -> list[Variant]:
     """Expand ``{attention: [overrides, ...]}``; an attention without an entry runs its YAML as it is."""
-    by_attention = (
-        OmegaConf.to_container(variants_cfg, resolve=True)
-        if isinstance(variants_cfg, DictConfig)
-        else dict(variants_cfg or {})
-    )
+    if isinstance(variants_cfg, DictConfig):
+        variants_cfg = OmegaConf.to_container(variants_cfg, resolve=True)
+    by_attention = dict(variants_cfg or {})
     unknown = sorted(set(by_attention) - set(registered_attentions()))
     if unknown:
         raise ConfigError(
@@ -84,8 +65,8 @@ def variants_from_config(variants_cfg: Any, attentions: list[str]) -> list[Varia
     for name in attentions:
         for entry in by_attention.get(name) or [{}]:
             entry = dict(entry or {})
-            bench_keys = {key: bool(entry.pop(key, False)) for key in VARIANT_BENCH_KEYS}
-            result.append(Variant(name, entry, **bench_keys))
+            flags = {key: bool(entry.pop(key, False)) for key in ("quadratic", "compile")}
+            result.append(Variant(name, entry, **flags))
     return result
 
 
@@ -107,6 +88,10 @@ def _relative_error(x: Tensor, reference: Tensor) -> float:
     return float((x.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
+def _attention_class(variant: Variant) -> type[Attention]:
+    return get_class(str(OmegaConf.load(ATTENTION_DIR / f"{variant.attention}.yaml")["_target_"]))
+
+
 @dataclass
 class Shape:
     batch: int
@@ -115,16 +100,6 @@ class Shape:
     head_dim: int
     causal: bool
     masked: bool
-
-    def series_key(self) -> tuple:
-        """Everything but N: the points of one line of a plot."""
-        return self.batch, self.heads, self.head_dim, self.causal, self.masked
-
-
-def operator_shapes(grid: DictConfig) -> Iterator[Shape]:
-    axes = (grid.head_dim, sorted(grid.seq_len), grid.batch, grid.heads, grid.causal, grid.masked)
-    for head_dim, seq_len, batch, heads, causal, masked in itertools.product(*axes):
-        yield Shape(batch, heads, seq_len, head_dim, causal, masked)
 
 
 def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: int) -> dict[str, Any]:
@@ -136,8 +111,13 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
     if shape.masked:
         real = shape.seq_len - shape.seq_len // 8
         mask = (torch.arange(shape.seq_len) < real).expand(shape.batch, -1).to(device)
-    leaves = {name: tensor.requires_grad_() for name, tensor in zip("qkv", (q, k, v), strict=True)}
-    return {**leaves, "dout": dout, "mask": mask}
+    return {
+        "q": q.requires_grad_(),
+        "k": k.requires_grad_(),
+        "v": v.requires_grad_(),
+        "dout": dout,
+        "mask": mask,
+    }
 
 
 def build_operator(
@@ -157,8 +137,8 @@ def build_operator(
     module = module.to(device=device, dtype=dtype).eval()
     if not variant.compile:
         return module, module
-    # A fresh compile per shape: cached graphs from other shapes would hit the recompile limit and
-    # silently fall back to eager.
+    # A fresh compile per shape: graphs cached for other shapes would hit the recompile limit and silently
+    # fall back to eager.
     torch._dynamo.reset()
     return module, torch.compile(module)
 
@@ -178,7 +158,9 @@ def _fwd(call: Callable, inputs: dict[str, Any]) -> Tensor:
 
 
 class OperatorBench:
-    """The operator level: every variant on every shape of the grid, interleaved per shape."""
+    """The operator level: every variant on every shape of the grid, interleaved per shape. Forward (no
+    grad) and forward + backward (random dO) times; peak memory of fwd+bwd above the inputs; a correctness
+    gate against the attention's first variant run in fp32."""
 
     def __init__(
         self,
@@ -196,36 +178,29 @@ class OperatorBench:
         self.gate_reference: dict[str, dict[str, Tensor] | None] = {}
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        for shape in operator_shapes(self.grid):
+        grid = self.grid
+        axes = (grid.head_dim, sorted(grid.seq_len), grid.batch, grid.heads, grid.causal, grid.masked)
+        for head_dim, seq_len, batch, heads, causal, masked in itertools.product(*axes):
+            shape = Shape(batch, heads, seq_len, head_dim, causal, masked)
             inputs = make_inputs(shape, self.device, self.dtype, self.cfg.seed)
-            sdpa_default = self._sdpa_default(inputs, shape)
+            row = {
+                "kind": "operator",
+                **self.env,
+                "dtype": str(self.dtype).removeprefix("torch."),
+                **vars(shape),
+                "sdpa_default": self._sdpa_default(inputs, shape),
+            }
             self.gate_reference = {}
             for variant in self.variants:
                 yield self.sweep.point(
-                    self.base_row(variant, shape, sdpa_default),
-                    (variant.label, *shape.series_key()),
-                    shape.seq_len,
-                    partial(self.measure, variant, shape, inputs),
-                    skip=self.skip_reason(variant, shape),
+                    {**row, **variant.row_fields(), "quadratic": variant.quadratic},
+                    (variant.label, batch, heads, head_dim, causal, masked),  # a line of a plot
+                    seq_len,
+                    partial(self._measure, variant, shape, inputs),
+                    skip=self._skip_reason(variant, shape),
                 )
             del inputs
             release_memory(self.device)
-
-    def base_row(self, variant: Variant, shape: Shape, sdpa_default: str) -> dict[str, Any]:
-        return {
-            "kind": "operator",
-            **self.env,
-            **variant.row_fields(),
-            "quadratic": variant.quadratic,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "batch": shape.batch,
-            "heads": shape.heads,
-            "seq_len": shape.seq_len,
-            "head_dim": shape.head_dim,
-            "causal": shape.causal,
-            "masked": shape.masked,
-            "sdpa_default": sdpa_default,
-        }
 
     def _sdpa_default(self, inputs: dict[str, Any], shape: Shape) -> str:
         from models.attention.softmax import probe_dispatched_backend
@@ -237,37 +212,29 @@ class OperatorBench:
         except RuntimeError as error:
             return f"none ({str(error).splitlines()[0][:80]})"
 
-    def skip_reason(self, variant: Variant, shape: Shape) -> str | None:
-        """Why this point is not run, before the sweep's own reasons (out of memory, time cap)."""
+    def _skip_reason(self, variant: Variant, shape: Shape) -> str | None:
         if variant.quadratic and shape.seq_len > self.grid.max_n_quadratic:
             return f"materialises N×N: N > max_n_quadratic={self.grid.max_n_quadratic}"
-        if shape.causal and not get_class(_target(variant)).supports_causal:
+        if shape.causal and not _attention_class(variant).supports_causal:
             return "not causal"
         return None
 
-    def measure(self, variant: Variant, shape: Shape, inputs: dict[str, Any]) -> dict[str, Any]:
+    def _measure(self, variant: Variant, shape: Shape, inputs: dict[str, Any]) -> dict[str, Any]:
+        grid, device = self.grid, self.device
         try:
             module, call = build_operator(
-                variant, shape, self.device, self.dtype, self.cfg.seed, self.cfg.model.attn_dropout
+                variant, shape, device, self.dtype, self.cfg.seed, self.cfg.model.attn_dropout
             )
-            return self._measure(variant, shape, inputs, module, call)
+            out, peak_mb, fb_ms, fb_iqr = measure(
+                lambda: _fwd_bwd(call, module, inputs), device, grid.warmup, grid.repeats
+            )
+            gate = self._gate(variant, shape, out, inputs)
+            _, _, fwd_ms, fwd_iqr = measure(
+                lambda: _fwd(call, inputs), device, grid.warmup, grid.repeats, memory=False
+            )
         finally:
             for name in "qkv":
                 inputs[name].grad = None
-
-    def _measure(
-        self, variant: Variant, shape: Shape, inputs: dict[str, Any], module: Attention, call: Callable
-    ) -> dict[str, Any]:
-        grid, device = self.grid, self.device
-
-        def fwd_bwd() -> Tensor:
-            return _fwd_bwd(call, module, inputs)
-
-        gate = self._gate(variant, shape, warm_up(fwd_bwd, device, grid.warmup), inputs)
-        peak_mb = peak_memory_mb(fwd_bwd, device)
-        fb_ms, fb_iqr = median_ms(fwd_bwd, device, grid.repeats)
-        warm_up(lambda: _fwd(call, inputs), device, grid.warmup)
-        fwd_ms, fwd_iqr = median_ms(lambda: _fwd(call, inputs), device, grid.repeats)
         flops = float(module.flops(shape.batch, shape.heads, shape.seq_len, shape.head_dim))
         factors = self.cfg.fwd_bwd_flop_factor
         fb_flops = flops * float(factors.get(variant.attention, factors.default))
@@ -298,40 +265,31 @@ class OperatorBench:
         """Output and q/k/v gradients against the attention's first variant run in fp32."""
         if shape.seq_len > self.grid.gate_max_n:
             return {"gate_err": None, "gate_ok": None}
-        reference = self._gate_reference(variant, shape, inputs)
+        first = next(v for v in self.variants if v.attention == variant.attention)
+        if variant.attention not in self.gate_reference:
+            reference = self._fp32_reference(replace(first, compile=False), shape, inputs)
+            self.gate_reference[variant.attention] = reference
+        reference = self.gate_reference[variant.attention]
         if reference is None:
             return {"gate_err": None, "gate_ok": None}
         ours = {"out": out.detach(), **{name: inputs[name].grad for name in "qkv"}}
         err = max(_relative_error(ours[name], reference[name]) for name in reference)
         tolerance = float(self.grid.gate_tol[str(self.dtype).removeprefix("torch.")])
-        return {"gate_err": err, "gate_ok": err <= tolerance, "gate_against": self._first(variant).variant}
+        return {"gate_err": err, "gate_ok": err <= tolerance, "gate_against": first.variant}
 
-    def _first(self, variant: Variant) -> Variant:
-        return next(v for v in self.variants if v.attention == variant.attention)
-
-    def _gate_reference(self, variant: Variant, shape: Shape, inputs: dict[str, Any]) -> dict | None:
-        if variant.attention in self.gate_reference:
-            return self.gate_reference[variant.attention]
-        first = replace(self._first(variant), compile=False)
-        reference = None
+    def _fp32_reference(self, first: Variant, shape: Shape, inputs: dict[str, Any]) -> dict | None:
         try:
             module, call = build_operator(first, shape, self.device, torch.float32, self.cfg.seed)
             leaves = {name: inputs[name].detach().float().requires_grad_() for name in "qkv"}
-            fp32 = {**leaves, "dout": inputs["dout"].float(), "mask": inputs["mask"]}
-            out = _fwd_bwd(call, module, fp32)
-            reference = {"out": out.detach(), **{name: leaves[name].grad for name in "qkv"}}
+            out = _fwd_bwd(call, module, {**leaves, "dout": inputs["dout"].float(), "mask": inputs["mask"]})
+            return {"out": out.detach(), **{name: leaves[name].grad for name in "qkv"}}
         except Exception:  # noqa: BLE001 - no reference (e.g. a pinned backend without fp32): no gate
-            reference = None
-        self.gate_reference[variant.attention] = reference
-        return reference
-
-
-def _target(variant: Variant) -> str:
-    return str(OmegaConf.load(ATTENTION_DIR / f"{variant.attention}.yaml")["_target_"])
+            return None
 
 
 class ModelBench:
-    """The model level: one LRA model per attention variant, training steps/s and peak memory."""
+    """The model level: one LRA model per attention variant, one training step (forward, backward,
+    optimiser step) at each sequence length: steps/s and peak memory."""
 
     def __init__(
         self, cfg: DictConfig, variants: list[Variant], device: torch.device, env: dict[str, Any]
@@ -341,19 +299,19 @@ class ModelBench:
         self.sweep = Sweep(device, self.level.point_budget_s, timed_key="step_ms")
         self._task_cfg: DictConfig | None = None
 
-    def compose_task(self, variant: Variant, seq_len: int) -> DictConfig:
-        """conf/config.yaml for the task as train.py would see it, with this attention variant, length and
-        batch size (composed once; the attention node is swapped like the ``attention=<name>`` override)."""
+    def _compose_task(self, variant: Variant, seq_len: int) -> DictConfig:
+        """conf/config.yaml as train.py would see it for this task, length and batch size (composed once;
+        the attention node is swapped as an ``attention=<name>`` override would)."""
         if self._task_cfg is None:
             from hydra import compose
 
+            level = self.level
             overrides = [
-                f"task={self.level.task}",
-                f"profile={self.level.profile}",
-                f"data.batch_size={self.level.batch_size}",
-                *self.level.overrides,
+                f"task={level.task}",
+                f"profile={level.profile}",
+                f"data.batch_size={level.batch_size}",
             ]
-            self._task_cfg = compose(config_name="config", overrides=overrides)
+            self._task_cfg = compose(config_name="config", overrides=[*overrides, *level.overrides])
         cfg = self._task_cfg.copy()
         cfg.data.seq_len = seq_len
         cfg.attention = OmegaConf.merge(
@@ -362,26 +320,27 @@ class ModelBench:
         return cfg
 
     def rows(self) -> Iterator[dict[str, Any]]:
-        for seq_len in sorted(self.level.seq_len):
+        level = self.level
+        for seq_len in sorted(level.seq_len):
             for variant in self.variants:
                 row = {
                     "kind": "model",
                     **self.env,
-                    "task": self.level.task,
-                    "profile": self.level.profile,
+                    "task": level.task,
+                    "profile": level.profile,
                     **variant.row_fields(),
                     "seq_len": seq_len,
-                    "batch": self.level.batch_size,
-                    "precision": str(self.level.precision),
+                    "batch": level.batch_size,
+                    "precision": str(level.precision),
                 }
                 yield self.sweep.point(
-                    row, (variant.label,), seq_len, partial(self.measure, variant, seq_len)
+                    row, (variant.label,), seq_len, partial(self._measure, variant, seq_len)
                 )
 
-    def measure(self, variant: Variant, seq_len: int) -> dict[str, Any]:
+    def _measure(self, variant: Variant, seq_len: int) -> dict[str, Any]:
         from lra.build import build_model
 
-        cfg = self.compose_task(variant, seq_len)
+        cfg = self._compose_task(variant, seq_len)
         data_class = get_class(cfg.data._target_)
         if data_class.dual:
             raise ConfigError(f"the model level times single-document tasks; {self.level.task} is dual")
@@ -391,6 +350,7 @@ class ModelBench:
         )
         torch.manual_seed(self.cfg.seed)
         model = build_model(cfg.model, instantiate(cfg.attention), datamodule).to(self.device).train()
+        encoder = model.encoder
         if variant.compile:
             torch._dynamo.reset()
             model = torch.compile(model)
@@ -408,10 +368,7 @@ class ModelBench:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        warm_up(step, self.device, self.level.warmup)
-        peak_mb = peak_memory_mb(step, self.device)
-        step_ms, step_iqr = median_ms(step, self.device, self.level.repeats)
-        encoder = model.encoder if hasattr(model, "encoder") else model._orig_mod.encoder
+        _, peak_mb, step_ms, step_iqr = measure(step, self.device, self.level.warmup, self.level.repeats)
         values = attention_values(encoder.attentions[0].log_values())
         return {
             "step_ms": step_ms,

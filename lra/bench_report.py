@@ -1,10 +1,6 @@
-"""The benchmark's report and plots, computed from its rows.jsonl alone (written by lra/bench.py).
+"""The benchmark's report.md and plots (time_vs_n.png, memory_vs_n.png), from its rows.jsonl alone.
 
-    python -m lra.bench_report results/efficiency/cpu/rows.jsonl     # rewrite report.md and the plots
-
-Writes next to the JSONL: ``report.md`` (environment, method, time/memory tables per head size, measured
-crossovers beside the theory, the model-level table) and ``time_vs_n.png`` / ``memory_vs_n.png`` (log-log,
-one line per attention variant, one panel per head size).
+python -m lra.bench_report results/efficiency/cpu/rows.jsonl     # rewrite report.md and the plots
 """
 
 from __future__ import annotations
@@ -18,16 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from data.cache import atomic_write_text
-from lra.bench_plots import plot
-from lra.bench_rows import (
-    METRICS,
-    OperatorTable,
-    _setting_text,
-    _usable,
-    device_label,
-    load_rows,
-    status_text,
-)
+from lra.bench_rows import METRICS, OperatorTable, device_label, load_rows, setting_text, status_text, usable
 from lra.bench_rows import metric_value as metric_value  # re-exported: lra/analysis/heads.py reads it here
 from lra.summary import REPO_ROOT
 from models.attention.crossover import crossover_n0, crossover_n1
@@ -41,14 +28,19 @@ PAPER_4K = {
 PAPER_4K_SOFTMAX_MEMORY_GB = 9.48
 
 
-def _fmt(value: float | None, digits: int = 3) -> str:
+def fmt(value: float | None, digits: int = 3) -> str:
+    """``digits`` significant digits with thousands separators; "—" for None."""
     if value is None:
         return "—"
     if value == 0:
         return "0"
-    magnitude = math.floor(math.log10(abs(value)))
-    decimals = max(0, digits - 1 - magnitude)
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
     return f"{value:,.{decimals}f}"
+
+
+def md_table(header: list[str], body: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in body] + [""]
 
 
 def _cell(row: dict[str, Any] | None, metric: str) -> str:
@@ -56,24 +48,21 @@ def _cell(row: dict[str, Any] | None, metric: str) -> str:
         return ""
     if status_text(row):
         return status_text(row)
-    value = row.get(metric)
-    iqr = row.get(f"{metric}_iqr")
-    spread = f" ±{50 * iqr / value:.0f}%" if iqr and value else ""
-    return _fmt(value) + spread
+    value, iqr = row.get(metric), row.get(f"{metric}_iqr")
+    return fmt(value) + (f" ±{50 * iqr / value:.0f}%" if iqr and value else "")
 
 
-def _md_table(header: list[str], body: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cells) + " |" for cells in body]
-    return lines + [""]
+def find_row(rows: list[dict[str, Any]], kind: str) -> dict[str, Any] | None:
+    return next((r for r in rows if r.get("kind") == kind), None)
 
 
 def environment_section(
     run: dict[str, Any], end: dict[str, Any] | None, calibration: dict[str, Any] | None
 ) -> list[str]:
-    lines = ["## Environment", ""]
     versions = ", ".join(f"{key} {run.get(key)}" for key in ("torch", "triton", "cuda", "cudnn", "python"))
-    lines += [
+    lines = [
+        "## Environment",
+        "",
         f"- device: **{run.get('device_name')}** ({run.get('device')}); {run.get('threads')} torch threads, "
         f"{run.get('cpu_count')} logical CPUs",
         f"- versions: {versions}",
@@ -94,8 +83,7 @@ def environment_section(
                 "competed for the cores, so timings carry contention noise; ratios measured in the "
                 "same run are more reliable than absolute times."
             )
-    config = run.get("config") or {}
-    grid = config.get("operator_level")
+    grid = (run.get("config") or {}).get("operator_level")
     if grid:
         lines.append(
             f"- operator grid: d ∈ {grid['head_dim']}, N ∈ {grid['seq_len']}, B ∈ {grid['batch']}, "
@@ -110,8 +98,7 @@ def environment_section(
             f"- calibration ({calibration['dtype']}): {calibration['matmul_n']}³ matmul "
             f"{calibration['matmul_gflops']:,.1f} GFLOP/s; copy {calibration['copy_gb_s']:,.1f} GB/s"
         )
-    lines += [f"- note: {note}" for note in run.get("notes") or []]
-    return lines + [""]
+    return lines + [f"- note: {note}" for note in run.get("notes") or []] + [""]
 
 
 METHOD_TEXT = """## Method
@@ -140,22 +127,29 @@ METHOD_TEXT = """## Method
 """
 
 
+def _grids(table: OperatorTable) -> list[tuple[tuple, int]]:
+    return [(setting, head_dim) for setting in table.settings for head_dim in table.head_dims(setting)]
+
+
+def n_table(
+    table: OperatorTable, setting: tuple, head_dim: int, cell: Callable[[dict | None], str]
+) -> list[str]:
+    """A markdown table of ``cell(row)``: one line per variant that has a non-empty cell, one column per N."""
+    ns = table.lengths(setting, head_dim)
+    body = []
+    for label in table.labels:
+        cells = [cell(table.get(setting, head_dim, label, n)) for n in ns]
+        if any(cells):
+            body.append([f"`{label}`", *cells])
+    return md_table(["method", *[f"N={n:,}" for n in ns]], body)
+
+
 def operator_sections(table: OperatorTable) -> list[str]:
     lines = ["## Operator level: time and memory against N", ""]
-    for setting in table.settings:
-        for head_dim in table.head_dims(setting):
-            ns = table.lengths(setting, head_dim)
-            labels = [
-                label for label in table.labels if any(table.get(setting, head_dim, label, n) for n in ns)
-            ]
-            for metric, title in (*METRICS.items(), ("fwd_bwd_gflops", "fwd+bwd achieved GFLOP/s")):
-                lines.append(f"### {title}: d = {head_dim} ({_setting_text(setting)})")
-                lines.append("")
-                body = [
-                    [f"`{label}`", *[_cell(table.get(setting, head_dim, label, n), metric) for n in ns]]
-                    for label in labels
-                ]
-                lines += _md_table(["method", *[f"N={n:,}" for n in ns]], body)
+    for setting, head_dim in _grids(table):
+        for metric, title in (*METRICS.items(), ("fwd_bwd_gflops", "fwd+bwd achieved GFLOP/s")):
+            lines += [f"### {title}: d = {head_dim} ({setting_text(setting)})", ""]
+            lines += n_table(table, setting, head_dim, lambda row, metric=metric: _cell(row, metric))
     return lines
 
 
@@ -168,30 +162,22 @@ def taylorshift_section(table: OperatorTable) -> list[str]:
         "faster (fwd, fwd+bwd) or needs less peak memory (fwd+bwd) than the direct mode.",
         "",
     ]
-    ts_rows = [r for r in table.rows if r["attention"] == "taylorshift"]
-    direct = list(
-        dict.fromkeys(r["label"] for r in ts_rows if (r.get("overrides") or {}).get("mode") == "direct")
-    )
-    efficient = [
-        label
-        for label in dict.fromkeys(r["label"] for r in ts_rows)
-        if label not in direct
-        and any((r.get("overrides") or {}).get("mode") == "efficient" for r in ts_rows if r["label"] == label)
-    ]
+    modes: dict[str, set] = {}
+    for r in table.rows:
+        if r["attention"] == "taylorshift":
+            modes.setdefault(r["label"], set()).add((r.get("overrides") or {}).get("mode"))
+    direct = [label for label, seen in modes.items() if "direct" in seen]
+    efficient = [label for label, seen in modes.items() if label not in direct and "efficient" in seen]
     if not direct or not efficient:
         return lines + ["No pair of TaylorShift rows with mode=direct and mode=efficient in this run.", ""]
     header = "setting|d|efficient variant|faster (fwd)|faster (fwd+bwd)|N0 (theory)|less memory (fwd+bwd)|"
-    header += "N1 (theory)"
     body = []
-    for setting in table.settings:
-        for head_dim in table.head_dims(setting):
-            n0, n1 = f"{crossover_n0(head_dim):,}", f"{crossover_n1(head_dim):,}"
-            for label in efficient:
-                fwd, fwd_bwd, memory = table.crossover_texts(setting, head_dim, label, direct[0])
-                body.append(
-                    [_setting_text(setting), str(head_dim), f"`{label}`", fwd, fwd_bwd, n0, memory, n1]
-                )
-    return lines + _md_table(header.split("|"), body)
+    for setting, head_dim in _grids(table):
+        n0, n1 = f"{crossover_n0(head_dim):,}", f"{crossover_n1(head_dim):,}"
+        for label in efficient:
+            fwd, fwd_bwd, memory = table.crossover_texts(setting, head_dim, label, direct[0])
+            body.append([setting_text(setting), str(head_dim), f"`{label}`", fwd, fwd_bwd, n0, memory, n1])
+    return lines + md_table((header + "N1 (theory)").split("|"), body)
 
 
 def softmax_section(table: OperatorTable, references: list[str]) -> list[str]:
@@ -207,19 +193,16 @@ def softmax_section(table: OperatorTable, references: list[str]) -> list[str]:
         if reference not in table.labels:
             lines += [f"Reference `{reference}` was not measured in this run.", ""]
             continue
-        lines += [f"### against `{reference}`", ""]
-        header = ["setting", "d", "method", "fwd", "fwd+bwd", "memory", "FLOP parity N*"]
         body = []
-        for setting in table.settings:
-            for head_dim in table.head_dims(setting):
-                for label in table.labels:
-                    if label == reference:
-                        continue
+        for setting, head_dim in _grids(table):
+            for label in table.labels:
+                if label != reference:
                     found = table.crossover_texts(setting, head_dim, label, reference)
                     parity = table.flop_parity(setting, head_dim, label)
-                    parity_text = f"{parity:,.0f}" if parity else "—"
-                    body.append([_setting_text(setting), str(head_dim), f"`{label}`", *found, parity_text])
-        lines += _md_table(header, body)
+                    where = [setting_text(setting), str(head_dim), f"`{label}`"]
+                    body.append([*where, *found, f"{parity:,.0f}" if parity else "—"])
+        header = ["setting", "d", "method", "fwd", "fwd+bwd", "memory", "FLOP parity N*"]
+        lines += [f"### against `{reference}`", "", *md_table(header, body)]
     return lines
 
 
@@ -227,7 +210,7 @@ def model_section(rows: list[dict[str, Any]], reference: str | None) -> list[str
     model_rows = [row for row in rows if row["kind"] == "model"]
     if not model_rows:
         return []
-    first = next((r for r in model_rows if _usable(r)), model_rows[0])
+    first = next((r for r in model_rows if usable(r)), model_rows[0])
     lines = [
         "## Model level: training steps/s and peak memory (LRA paper Table 2 layout)",
         "",
@@ -247,39 +230,32 @@ def model_section(rows: list[dict[str, Any]], reference: str | None) -> list[str
             "",
         ]
     lengths = sorted({r["seq_len"] for r in model_rows})
-    labels = list(dict.fromkeys(r["label"] for r in model_rows))
     index = {(r["label"], r["seq_len"]): r for r in model_rows}
-
-    def value(label: str, n: int, key: str) -> float | None:
-        row = index.get((label, n))
-        return row.get(key) if row is not None and _usable(row) else None
 
     def cell(label: str, n: int, key: str) -> str:
         row = index.get((label, n))
         if row is None:
             return ""
-        if not _usable(row):
+        if not usable(row):
             return status_text(row)
-        ours, theirs = row[key], value(reference, n, key) if reference else None
-        ratio = f" ({ours / theirs:.2f}×)" if theirs else ""
-        return _fmt(ours) + ratio
+        theirs = index.get((reference, n))
+        theirs = theirs.get(key) if theirs is not None and usable(theirs) else None
+        return fmt(row[key]) + (f" ({row[key] / theirs:.2f}×)" if theirs else "")
 
-    header = ["method", *[f"{key} {n:,}" for key in ("steps/s", "peak MB") for n in lengths]]
     body = []
-    for label in labels:
-        attention = index[next(k for k in index if k[0] == label)]["attention"]
+    for label in dict.fromkeys(r["label"] for r in model_rows):
+        attention = next(r for r in model_rows if r["label"] == label)["attention"]
         paper = PAPER_4K.get(attention) if label == attention else None
         cells = [cell(label, n, key) for key in ("steps_per_s", "peak_mb") for n in lengths]
-        cells += (
-            [f"{paper['speedup']:.1f}×", f"{paper['memory_gb'] / PAPER_4K_SOFTMAX_MEMORY_GB:.2f}×"]
-            if paper
-            else ["", ""]
-        )
+        if paper:
+            cells += [f"{paper['speedup']:.1f}×", f"{paper['memory_gb'] / PAPER_4K_SOFTMAX_MEMORY_GB:.2f}×"]
+        else:
+            cells += ["", ""]
         body.append([f"`{label}`", *cells])
-    lines += _md_table([*header, "paper 4K speed-up", "paper 4K memory ratio"], body)
+    header = ["method", *[f"{key} {n:,}" for key in ("steps/s", "peak MB") for n in lengths]]
+    lines += md_table([*header, "paper 4K speed-up", "paper 4K memory ratio"], body)
     ts_rows = [r for r in model_rows if r["attention"] == "taylorshift" and r.get("mode_used")]
-    modes = sorted({(r["label"], r["mode_used"]) for r in ts_rows})
-    if modes:
+    if modes := sorted({(r["label"], r["mode_used"]) for r in ts_rows}):
         lines += [
             "TaylorShift modes that ran: " + "; ".join(f"`{label}` → {mode}" for label, mode in modes),
             "",
@@ -291,7 +267,7 @@ def problems_section(rows: list[dict[str, Any]]) -> list[str]:
     failed = [
         r
         for r in rows
-        if r["kind"] in ("operator", "model")
+        if r.get("kind") in ("operator", "model")
         and ((r.get("error") and not r.get("oom")) or r.get("gate_ok") is False)
     ]
     if not failed:
@@ -306,14 +282,62 @@ def problems_section(rows: list[dict[str, Any]]) -> list[str]:
     return lines + [""]
 
 
+def plot(table: OperatorTable, out_dir: Path) -> list[Path]:
+    """time_vs_n.png (fwd, fwd+bwd) and memory_vs_n.png: log-log against N, one line per variant (dashed
+    where it materialises N×N), one panel per head size, for the first setting."""
+    from matplotlib import colormaps, ticker
+    from matplotlib.figure import Figure
+
+    if not table.settings:
+        return []
+    setting = table.settings[0]
+    head_dims = table.head_dims(setting)
+    colours = colormaps["tab10" if len(table.labels) <= 10 else "tab20"]
+    written = []
+    for name, metrics in (("time_vs_n", ["fwd_ms", "fwd_bwd_ms"]), ("memory_vs_n", ["peak_mb"])):
+        fig = Figure(figsize=(5.2 * len(head_dims), 3.8 * len(metrics)))
+        axes = fig.subplots(len(metrics), len(head_dims), squeeze=False)
+        for row_axes, metric in zip(axes, metrics, strict=True):
+            for ax, head_dim in zip(row_axes, head_dims, strict=True):
+                for i, label in enumerate(table.labels):
+                    ns, values = table.series(setting, head_dim, label, metric)
+                    points = [(n, v) for n, v in zip(ns, values, strict=True) if v and math.isfinite(v)]
+                    if points:
+                        linestyle = "--" if label in table.quadratic else "-"
+                        ax.plot(
+                            *zip(*points, strict=True),
+                            color=colours(i % colours.N),
+                            linestyle=linestyle,
+                            marker="o",
+                            markersize=3,
+                            label=label,
+                        )
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                lengths = table.lengths(setting, head_dim)
+                ax.set_xticks(
+                    lengths, [f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n) for n in lengths]
+                )
+                ax.xaxis.set_minor_locator(ticker.NullLocator())
+                ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+                ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+                ax.set(xlabel="sequence length N", ylabel=METRICS[metric], title=f"d = {head_dim}")
+                ax.grid(True, which="both", alpha=0.3)
+        handles, names = axes[0][0].get_legend_handles_labels()
+        fig.suptitle(f"{table.rows[0].get('device_name')}: {setting_text(setting)}", fontsize=10)
+        fig.tight_layout()
+        fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
+        fig.savefig(out_dir / f"{name}.png", dpi=110, bbox_inches="tight")
+        written.append(out_dir / f"{name}.png")
+    return written
+
+
 def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
     """report.md and the plots from a rows.jsonl; returns the report's path."""
     jsonl = Path(jsonl)
     out_dir = Path(out_dir) if out_dir is not None else jsonl.parent
     rows = load_rows(jsonl)
-    run = next((r for r in rows if r["kind"] == "run"), {})
-    end = next((r for r in rows if r["kind"] == "run_end"), None)
-    calibration = next((r for r in rows if r["kind"] == "calibration"), None)
+    run, end = find_row(rows, "run") or {}, find_row(rows, "run_end")
     table = OperatorTable(rows)
     references = run.get("references") or [label for label in table.labels if label.startswith("softmax")][:1]
     model_reference = (run.get("config") or {}).get("model_level", {}).get("reference") or references[0]
@@ -323,28 +347,27 @@ def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
         "",
         f"Raw rows: [`{jsonl.name}`]({jsonl.name}) (one JSON object per measurement). Plots: "
         + ", ".join(f"[`{p.name}`]({p.name})" for p in plots)
-        + ". Regenerate this file "
-        "from the rows with `python -m lra.bench_report <this folder>/rows.jsonl`; rerun the benchmark "
-        f"with `{rerun_command(run, out_dir)}`.",
+        + ". Regenerate this file from the rows with `python -m lra.bench_report <this folder>/rows.jsonl`; "
+        f"rerun the benchmark with `{rerun_command(run, out_dir)}`.",
         "",
+        *environment_section(run, end, find_row(rows, "calibration")),
+        METHOD_TEXT,
+        *taylorshift_section(table),
+        *softmax_section(table, references),
+        *model_section(rows, model_reference),
+        *[f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots],
+        "",
+        *operator_sections(table),
+        *problems_section(rows),
     ]
-    lines += environment_section(run, end, calibration)
-    lines += [METHOD_TEXT]
-    lines += taylorshift_section(table)
-    lines += softmax_section(table, references)
-    lines += model_section(rows, model_reference)
-    lines += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots] + [""]
-    lines += operator_sections(table)
-    lines += problems_section(rows)
     path = out_dir / "report.md"
     atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
 
 
 def rerun_command(run: dict[str, Any], out_dir: Path) -> str:
-    """The ``make bench`` line that repeats a run: its preset, a Hydra override for each setting in which
-    the run's recorded config differs from the preset as committed now, and the label and ``output_dir``
-    where they are not the defaults (a run writes into the committed ``results/`` only when told to)."""
+    """The ``make bench`` line that repeats a run: its preset, a Hydra override wherever the recorded config
+    differs from the preset as committed now, and the label and ``output_dir`` where not the defaults."""
     from omegaconf import OmegaConf
 
     preset = run.get("preset", "default")

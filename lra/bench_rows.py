@@ -1,6 +1,6 @@
-"""A benchmark's ``rows.jsonl`` as tables: the operator rows indexed by setting, head size, variant and N,
-with the crossovers between variants (``lra/crossover.py``). Read by the reports (``lra/bench_report.py``,
-``lra/gpu_check_report.py``), the plots (``lra/bench_plots.py``) and the head-size analysis."""
+"""A benchmark's ``rows.jsonl`` as tables: operator rows indexed by setting, head size, variant and N, with
+the crossovers between variants, and how a row that was not measured is shown. Read by the reports, their
+plots and the head-size analysis."""
 
 from __future__ import annotations
 
@@ -16,24 +16,46 @@ METRICS = {"fwd_ms": "forward (ms)", "fwd_bwd_ms": "forward + backward (ms)", "p
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The rows of a JSONL file ([] when it is missing); a line cut off by a killed process is skipped."""
+    rows = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 def _setting(row: dict[str, Any]) -> tuple:
     return row["dtype"], row["batch"], row["heads"], row["causal"], row["masked"]
 
 
-def _setting_text(setting: tuple) -> str:
+def setting_text(setting: tuple) -> str:
     dtype, batch, heads, causal, masked = setting
-    return (
-        f"{dtype}, B={batch}, h={heads}, {'causal' if causal else 'non-causal'}, "
-        f"{'masked' if masked else 'unmasked'}"
-    )
+    causal_text, masked_text = "causal" if causal else "non-causal", "masked" if masked else "unmasked"
+    return f"{dtype}, B={batch}, h={heads}, {causal_text}, {masked_text}"
 
 
-def _usable(row: dict[str, Any]) -> bool:
+def usable(row: dict[str, Any]) -> bool:
     """Measured and not failing its correctness gate."""
     return not row.get("skipped") and not row.get("error") and row.get("gate_ok") is not False
+
+
+def status_text(row: dict[str, Any]) -> str | None:
+    """How a table cell shows a row that has no value to show (None: it has one)."""
+    if row.get("oom"):
+        return "OOM"
+    if row.get("skipped"):
+        return "skip"
+    if row.get("error"):
+        return "error"
+    return "gate ✗" if row.get("gate_ok") is False else None
+
+
+def problem_text(row: dict[str, Any]) -> str:
+    """Why a point was not measured ("OOM" first where it ran out of memory); "" when it was."""
+    why = row.get("skipped") or row.get("error")
+    return f"{'OOM ' if row.get('oom') else ''}{why}" if why else ""
 
 
 def metric_value(row: dict[str, Any] | None, metric: str) -> float | None:
@@ -42,26 +64,24 @@ def metric_value(row: dict[str, Any] | None, metric: str) -> float | None:
         return None
     if row.get("oom"):
         return math.inf
-    return row.get(metric) if _usable(row) else None
+    return row.get(metric) if usable(row) else None
 
 
 class OperatorTable:
     """Operator rows indexed by (setting, head_dim, label, N)."""
 
     def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows = [row for row in rows if row["kind"] == "operator"]
+        self.rows = [row for row in rows if row.get("kind") == "operator"]
         self.index = {(_setting(r), r["head_dim"], r["label"], r["seq_len"]): r for r in self.rows}
         self.settings = list(dict.fromkeys(_setting(r) for r in self.rows))
         self.labels = list(dict.fromkeys(r["label"] for r in self.rows))
         self.quadratic = {r["label"] for r in self.rows if r.get("quadratic")}
 
     def head_dims(self, setting: tuple) -> list[int]:
-        return sorted({r["head_dim"] for r in self.rows if _setting(r) == setting})
+        return sorted({d for s, d, _, _ in self.index if s == setting})
 
     def lengths(self, setting: tuple, head_dim: int) -> list[int]:
-        return sorted(
-            {r["seq_len"] for r in self.rows if _setting(r) == setting and r["head_dim"] == head_dim}
-        )
+        return sorted({n for s, d, _, n in self.index if (s, d) == (setting, head_dim)})
 
     def get(self, setting: tuple, head_dim: int, label: str, n: int) -> dict[str, Any] | None:
         return self.index.get((setting, head_dim, label, n))
@@ -84,26 +104,14 @@ class OperatorTable:
     def flop_parity(self, setting: tuple, head_dim: int, label: str) -> float | None:
         """N* = F_X/(4·B·h·N·d): where softmax's 4·B·h·N²·d forward FLOPs equal X's, so at equal achieved
         FLOP/s X is faster from there on; defined when X's FLOPs are linear in N."""
-        per_token = {
-            r["seq_len"]: r["flops"] / (r["batch"] * r["heads"] * r["seq_len"] * r["head_dim"] * 4)
-            for r in self.rows
-            if _setting(r) == setting and r["head_dim"] == head_dim and r["label"] == label and r.get("flops")
-        }
+        per_token = [
+            r["flops"] / (r["batch"] * r["heads"] * r["seq_len"] * r["head_dim"] * 4)
+            for n in self.lengths(setting, head_dim)
+            if (r := self.get(setting, head_dim, label, n)) and r.get("flops")
+        ]
         if len(per_token) < 2:
             return None
-        values = list(per_token.values())
-        return values[0] if max(values) <= 1.01 * min(values) else None
-
-
-def status_text(row: dict[str, Any]) -> str | None:
-    """How a table cell shows a row that has no value to show (None: it has one)."""
-    if row.get("oom"):
-        return "OOM"
-    if row.get("skipped"):
-        return "skip"
-    if row.get("error"):
-        return "error"
-    return "gate ✗" if row.get("gate_ok") is False else None
+        return per_token[0] if max(per_token) <= 1.01 * min(per_token) else None
 
 
 def device_label(device_type: str, device_name: str) -> str:

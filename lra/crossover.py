@@ -1,17 +1,14 @@
 """Crossovers: from which sequence length one method beats another, found on measured points
-(``find_crossover``, read by the benchmark reports) and measured for TaylorShift's ``mode: auto``.
+(``find_crossover``, read by the benchmark reports), and measured for TaylorShift's ``n0: table``.
 
     python -m lra.crossover                                  # cpu, float32, d = 16 32 64: prints the table
     python -m lra.crossover --write                          # ... and merges it into the committed table
     python -m lra.crossover --device cuda --dtype bfloat16 --head-dims 32 64 --write
 
-For each head dimension d the script times forward+backward of the TaylorShift module in both modes on the
-same inputs, interleaved, best of ``--repeats``, on a geometric grid of N, and reports the smallest N from
-which the efficient mode is faster (log-interpolated between the two grid points around the switch). On CPU
-the time is the calling thread's CPU time (``time.thread_time``, with one intra-op thread), so a busy machine
-disturbs it less than wall time; on CUDA it is the time between CUDA events (``lra/timing.py``). The table
-lives in ``models/attention/crossover.json``, keyed by device kind, dtype and d; ``TaylorShiftOptions`` reads
-it when ``n0: table`` (the default) and falls back to the FLOP theory d² + d + 1 where it has no entry.
+For each d, forward+backward of TaylorShift in both modes on the same inputs, interleaved, best of
+``--repeats``, on a geometric grid of N; the result is the smallest N from which the efficient mode is faster
+(log-interpolated). CPU time is the calling thread's (``time.thread_time``, one intra-op thread), which a busy
+machine disturbs less than wall time. The table is ``models/attention/crossover.json``.
 """
 
 from __future__ import annotations
@@ -22,6 +19,7 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -34,13 +32,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class Crossover:
-    """Where a candidate starts beating a reference on the measured grid.
-
-    ``status``: ``crossed`` (it wins from ``n`` on, and lost at the grid point before), ``always`` (it wins
-    at every compared N), ``never`` (it does not win at the largest compared N), ``unknown`` (no N where
-    both were measured). ``n_interp`` interpolates the ratio in log-log between the two grid points that
-    bracket the crossing (None when the reference ran out of memory there).
-    """
+    """Where a candidate starts beating a reference on the measured grid. ``status``: ``crossed`` (it wins
+    from ``n`` on and lost at the point before), ``always``, ``never`` (it loses at the largest compared N) or
+    ``unknown`` (no N where both were measured). ``n_interp`` interpolates the ratio in log-log between the
+    two bracketing points (None when the reference ran out of memory there)."""
 
     status: str
     n: int | None = None
@@ -54,21 +49,15 @@ class Crossover:
         if self.status == "never":
             return f"> {self.n_max:,}"
         if self.status == "crossed":
-            approx = f" (≈{self.n_interp:,.0f})" if self.n_interp is not None else ""
-            return f"{self.n:,}{approx}"
+            return f"{self.n:,}" + (f" (≈{self.n_interp:,.0f})" if self.n_interp is not None else "")
         return "n/a"
 
 
 def find_crossover(
     ns: Iterable[int], candidate: Iterable[float | None], reference: Iterable[float | None]
 ) -> Crossover:
-    """The smallest measured N from which ``candidate < reference`` at every larger measured N.
-
-    Args:
-        ns: sequence lengths, ascending or not.
-        candidate, reference: values at those lengths (lower is better): a float, ``math.inf`` for out of
-            memory (it loses to any finite value), or None where the point was not measured.
-    """
+    """The smallest measured N from which ``candidate < reference`` at every larger measured N. Values:
+    lower is better, ``math.inf`` for out of memory (loses to any finite value), None where not measured."""
     points = sorted(
         (n, c, r)
         for n, c, r in zip(ns, candidate, reference, strict=True)
@@ -118,14 +107,15 @@ def time_modes(
             leaf.grad = None
         module(*leaves).backward(grad)
 
-    best = {mode: math.inf for mode in modules}
     for module in modules.values():
         step(module)  # warm-up
-    for _ in range(repeats):
+    times: dict[str, list[float]] = {mode: [] for mode in modules}
+    for _ in range(repeats):  # interleaved
         for mode, module in modules.items():
-            (ms,) = time_calls(lambda module=module: step(module), device, 1, cpu_clock=time.thread_time)
-            best[mode] = min(best[mode], ms)
-    return best
+            times[mode] += time_calls(
+                lambda module=module: step(module), device, 1, cpu_clock=time.thread_time
+            )
+    return {mode: min(measured) for mode, measured in times.items()}
 
 
 def measure_n0(
@@ -138,17 +128,17 @@ def measure_n0(
     max_len: int = 8192,
     verbose: bool = True,
 ) -> int | None:
-    """Smallest N from which the efficient mode is faster (None: direct wins up to ``max_len``); the grid
-    stops at the first N where it wins."""
+    """Smallest N from which the efficient mode is faster (None: direct wins up to ``max_len``), on N = 16,
+    16·√2, ... up to the first N where it wins."""
     lengths: list[int] = []
     times: dict[str, list[float]] = {"direct": [], "efficient": []}
     seq_len = 16
     while seq_len <= max_len:
         measured = time_modes(seq_len, head_dim, batch, heads, device, dtype, repeats)
         if verbose:
+            direct, efficient = measured["direct"], measured["efficient"]
             print(
-                f"  d={head_dim} N={seq_len}: direct {measured['direct']:.2f} ms, "
-                f"efficient {measured['efficient']:.2f} ms",
+                f"  d={head_dim} N={seq_len}: direct {direct:.2f} ms, efficient {efficient:.2f} ms",
                 flush=True,
             )
         lengths.append(seq_len)
@@ -164,12 +154,8 @@ def measure_n0(
 
 
 def merge_table(path: str, device_kind: str, dtype_name: str, measured: dict[int, int]) -> dict:
-    """The table at ``path`` with ``measured`` written under ``[device_kind][dtype_name]``."""
-    try:
-        with open(path) as handle:
-            table = json.load(handle)
-    except FileNotFoundError:
-        table = {}
+    """The table at ``path`` (empty if missing) with ``measured`` under ``[device_kind][dtype_name]``."""
+    table = json.loads(Path(path).read_text()) if Path(path).is_file() else {}
     entries = table.setdefault(device_kind, {}).setdefault(dtype_name, {})
     entries.update({str(d): n for d, n in sorted(measured.items())})
     return table
@@ -201,9 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     table = merge_table(str(CROSSOVER_TABLE), args.device, args.dtype, measured)
     print(json.dumps(table, indent=2))
     if args.write:
-        with open(CROSSOVER_TABLE, "w") as handle:
-            json.dump(table, handle, indent=2)
-            handle.write("\n")
+        CROSSOVER_TABLE.write_text(json.dumps(table, indent=2) + "\n")
         print(f"wrote {CROSSOVER_TABLE}")
 
 

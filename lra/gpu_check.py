@@ -1,37 +1,12 @@
-"""One prepared command that checks every GPU-only path of the harness in about 8 minutes (issue 18).
+"""Every GPU-only path of the harness in one prepared command of about 8 minutes (README, "GPU check").
 
-    make gpu-check                       # on one CUDA GPU: results/gpu/<device-name>/
-    make gpu-check DRY_RUN=1             # the same code paths on a CPU at tiny sizes (what CI tests)
-    python -m lra.gpu_check [--dry-run] [--out DIR] [--scratch DIR] [--stages pytest,train] [--budget-scale 2]
+    make gpu-check [DRY_RUN=1]      # python -m lra.gpu_check [--dry-run] [--stages pytest,train] [--out DIR]
 
-Four stages, each with a time budget (unused time passes to the next stage; a stage that runs out records
-what it measured, says so, and the check goes on):
-
-1. ``pytest``: the ``gpu``-marked tests (Triton bf16/fp16 numerics and memory, the fp16 grad scaler).
-2. ``operator``: bf16, B=1, h=8, d=64, N = 4k ... 64k: SDPA cuDNN and FLASH pinned, TaylorShift efficient
-   eager / Triton / ``torch.compile``, Fastmax torch / Triton, Performer, Linformer, through
-   ``lra.bench.OperatorBench`` (CUDA events, peak memory, a gate against fp32, an in-run bf16 matmul for
-   achieved TFLOP/s).
-3. ``model``: every attention at each task's official size (``conf/task/*.yaml``; Text at 4K) in bf16-mixed
-   through ``lra.bench.ModelBench``: steps/s, tokens/s, peak memory relative to softmax; OOM is a row.
-4. ``train``: ``train.py`` on the official ListOps recipe (generated data, a few hundred steps, W&B offline),
-   then ``resume=`` to more steps: loss falls, summary.json has CUDA memory and throughput, the run resumes.
-
-Operator and model stages run in child processes killed at their deadline plus a grace period, so a hung
-kernel costs one stage, not the check. Output (at most 8 files): ``rows.jsonl``, ``report.md`` (targets met
-or missed, crossovers; ``lra/gpu_check_report.py``), ``time_vs_n.png``, ``memory_vs_n.png``,
-``model_vs_softmax.png``, ``pytest.log``, ``train.log``. Training runs, data and JUnit XML go to
-``--scratch``.
-
-The GPU image lacks hydra-core, omegaconf, antlr4 and wandb: when an import is missing, the wheels in
-``.whl/`` are installed (``pip --no-index --no-deps --target .whl/site``) and the check restarts with them.
-On the machine with network access, from the repository root, fetch them once (25 MB)::
-
-    bash ../shared/tools/device-wheels.sh            # writes .whl/ (git-ignored)
-
-then on the GPU machine, with ``.whl`` carried (``$OUT``: the folder a device call brings back)::
-
-    python3 -m lra.gpu_check; rc=$?; cp -r results/gpu "$OUT"/; exit $rc     # or: make gpu-check
+Stages pytest, operator, model and train, each with a time budget: unused time passes to the next stage,
+and a stage out of time keeps its rows and says so. The operator and model stages run in child processes
+killed GRACE_S past their deadline, so a hung kernel costs one stage, not the check. Where hydra, omegaconf,
+antlr4 or wandb cannot be imported (the bare GPU image), the wheels carried in ``.whl/`` (fetched with
+``bash ../shared/tools/device-wheels.sh``) are installed and the check restarts.
 """
 
 from __future__ import annotations
@@ -46,9 +21,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lra.gpu_check_stages import Rows, run_bounded, stage_pytest, stage_train
-
-# Standard library only: importable before ensure_imports has installed the carried wheels.
+# Standard library only (and these modules): importable before ensure_imports has installed the wheels.
+from lra.gpu_check_stages import Rows, run_bounded, stage_pytest, train_and_resume
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("hydra", "omegaconf", "antlr4", "lightning", "torch")
@@ -111,10 +85,8 @@ GPU: dict[str, Any] = {
         "steps": 200,
         "resume_steps": 300,
         # The official recipe with fewer generated examples (generation is ~2 ms per example).
-        "overrides": [
-            "data.num_train=10000",
-            "data.num_val=500",
-            "data.num_test=500",
+        "overrides": ["data.num_train=10000", "data.num_val=500", "data.num_test=500"]
+        + [
             "trainer.val_check_interval=100",
             "trainer.log_every_n_steps=10",
             "trainer.enable_progress_bar=false",
@@ -160,19 +132,9 @@ DRY["train"].update(
     logger="csv",  # W&B's service start and sync add seconds to each of the two runs
     steps=6,
     resume_steps=9,
-    overrides=[
-        *_TINY_MODEL,
-        "data.num_train=64",
-        "data.num_val=16",
-        "data.num_test=16",
-        "data.seq_len=64",
-        "data.min_length=8",
-        "data.max_length=64",
-        "data.batch_size=8",
-        "trainer.val_check_interval=3",
-        "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false",
-    ],
+    overrides=[*_TINY_MODEL, "data.num_train=64", "data.num_val=16", "data.num_test=16", "data.seq_len=64"]
+    + ["data.min_length=8", "data.max_length=64", "data.batch_size=8", "trainer.val_check_interval=3"]
+    + ["trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"],
 )
 
 
@@ -207,22 +169,22 @@ def ensure_imports(wheels: Path, argv: list[str]) -> None:
 
 def _drain(rows: Iterable[dict[str, Any]], sink: Rows, deadline: float, stage: str, extra: Callable) -> bool:
     """Emit rows until the iterator ends (True) or the deadline passes (a ``cut`` row, False)."""
-    from lra.bench import _print_row
+    from lra.bench import print_row
 
     for row in rows:
         row = extra(row)
         sink.emit(row)
-        _print_row(row)
+        print_row(row)
         if time.time() > deadline:
-            sink.emit({"kind": "cut", "stage": stage, "after": f"{row.get('label')} N={row.get('seq_len')}"})
-            print(f"gpu_check: {stage} stage out of time after {row.get('label')} N={row.get('seq_len')}")
+            after = f"{row.get('label')} N={row.get('seq_len')}"
+            sink.emit({"kind": "cut", "stage": stage, "after": after})
+            print(f"gpu_check: {stage} stage out of time after {after}")
             return False
     return True
 
 
 def _bench_cfg(preset: dict[str, Any], **level: Any) -> Any:
-    """The DictConfig that lra.bench's OperatorBench / ModelBench read: conf/bench.yaml's shared keys (seed,
-    FLOP conventions) with this preset as its ``bench``."""
+    """The config that lra.bench's OperatorBench / ModelBench read, with this preset as its ``bench``."""
     from omegaconf import OmegaConf
 
     from lra.bench import shared_bench_config
@@ -232,62 +194,21 @@ def _bench_cfg(preset: dict[str, Any], **level: Any) -> Any:
     return OmegaConf.merge(shared_bench_config(), {"bench": bench})
 
 
-def stage_operator(preset: dict[str, Any], sink: Rows, deadline: float) -> None:
-    import torch
-
-    from lra import bench
-
-    cfg = _bench_cfg(preset)
-    device, dtype = torch.device(preset["device"]), bench.DTYPES[preset["dtype"]]
-    env = bench.environment(device)
-    calibration = {**bench.calibration_row(cfg.bench, device, dtype), **env}
-    sink.emit(calibration)
-    variants = bench.variants_from_config(preset["variants"], bench.registered_attentions())
-    rows = bench.OperatorBench(cfg, variants, device, dtype, env, calibration).rows()
-    if not _drain(rows, sink, deadline, "operator", lambda row: row):
-        return
-    compiled = bench.variants_from_config(preset["compile_variants"], list(preset["compile_variants"]))
-    for seq_len in preset["compile_seq_len"]:
-        cfg.bench.operator_level.seq_len = [seq_len]
-        rows = bench.OperatorBench(cfg, compiled, device, dtype, env, calibration).rows()
-        if not _drain(rows, sink, deadline, "operator", lambda row: row):
-            return
+def _tokens(row: dict[str, Any]) -> dict[str, Any]:
+    """Padded tokens the model processes per second, as train.py's ThroughputMonitor counts them."""
+    if row.get("steps_per_s"):
+        row["tokens_per_s"] = row["steps_per_s"] * row["batch"] * row["seq_len"]
+    return row
 
 
-def stage_model(preset: dict[str, Any], sink: Rows, deadline: float) -> None:
+def child_main(stage: str, preset: dict[str, Any], rows: Path, deadline: float) -> None:
+    """The operator or model stage in its own process (``--stage``): the parent kills it at its deadline
+    plus GRACE_S. The operator stage's torch.compile rows run last (a short budget loses those first)."""
     import torch
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     from lra import bench
-
-    device, level = torch.device(preset["device"]), preset["model_level"]
-    env = bench.environment(device)
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        for task, sizes in level["tasks"].items():
-            official = OmegaConf.load(REPO / "conf" / "task" / f"{task}.yaml").data
-            seq_len = int(sizes.get("seq_len") or official.seq_len)
-            batch = int(sizes.get("batch_size") or official.batch_size)
-            task_level = {key: value for key, value in level.items() if key != "tasks"}
-            task_level |= {"task": task, "seq_len": [seq_len], "batch_size": batch, "reference": "softmax"}
-            cfg = _bench_cfg(preset, **task_level)
-            variants = bench.variants_from_config(level["variants"], bench.registered_attentions())
-
-            def tokens(row: dict[str, Any]) -> dict[str, Any]:
-                # Padded tokens the model processes per second, as train.py's ThroughputMonitor counts them.
-                if row.get("steps_per_s"):
-                    row["tokens_per_s"] = row["steps_per_s"] * row["batch"] * row["seq_len"]
-                return row
-
-            if not _drain(
-                bench.ModelBench(cfg, variants, device, env).rows(), sink, deadline, "model", tokens
-            ):
-                return
-
-
-def child_main(stage: str, preset: dict[str, Any], rows: Path, deadline: float) -> None:
-    """A stage in its own process (``--stage``): the parent kills it at deadline + GRACE_S."""
-    import torch
 
     if preset["device"] == "cpu":
         torch.set_num_threads(1)
@@ -296,10 +217,41 @@ def child_main(stage: str, preset: dict[str, Any], rows: Path, deadline: float) 
 
         # Only the dry run: Dynamo traces as on the GPU, without Inductor's minutes-long C++ build.
         torch.compile = functools.partial(torch.compile, backend=preset["compile_backend"])
-    {"operator": stage_operator, "model": stage_model}[stage](preset, Rows(rows), deadline)
+    sink, device = Rows(rows), torch.device(preset["device"])
+    env = bench.environment(device)
+    if stage == "operator":
+        cfg, dtype = _bench_cfg(preset), bench.DTYPES[preset["dtype"]]
+        calibration = {**bench.calibration_row(cfg.bench, device, dtype), **env}
+        sink.emit(calibration)
+        variants = bench.variants_from_config(preset["variants"], bench.registered_attentions())
+        rows = bench.OperatorBench(cfg, variants, device, dtype, env, calibration).rows()
+        if not _drain(rows, sink, deadline, "operator", lambda row: row):
+            return
+        compiled = bench.variants_from_config(preset["compile_variants"], list(preset["compile_variants"]))
+        for seq_len in preset["compile_seq_len"]:  # torch.compile compiles once per shape
+            cfg.bench.operator_level.seq_len = [seq_len]
+            rows = bench.OperatorBench(cfg, compiled, device, dtype, env, calibration).rows()
+            if not _drain(rows, sink, deadline, "operator", lambda row: row):
+                return
+        return
+    level = preset["model_level"]
+    variants = bench.variants_from_config(level["variants"], bench.registered_attentions())
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        for task, sizes in level["tasks"].items():
+            official = OmegaConf.load(REPO / "conf" / "task" / f"{task}.yaml").data
+            task_level = {key: value for key, value in level.items() if key != "tasks"}
+            task_level |= {
+                "task": task,
+                "seq_len": [int(sizes.get("seq_len") or official.seq_len)],
+                "batch_size": int(sizes.get("batch_size") or official.batch_size),
+                "reference": "softmax",
+            }
+            rows = bench.ModelBench(_bench_cfg(preset, **task_level), variants, device, env).rows()
+            if not _drain(rows, sink, deadline, "model", _tokens):
+                return
 
 
-def stage_child(name: str, dry: bool, sink: Rows, deadline: float, **_: Any) -> str:
+def stage_child(name: str, dry: bool, sink: Rows, deadline: float) -> str:
     cmd = [sys.executable, "-m", "lra.gpu_check", "--stage", name, "--rows", str(sink.path)]
     cmd += ["--deadline", str(deadline)] + (["--dry-run"] if dry else [])
     env = dict(os.environ)
@@ -325,12 +277,17 @@ def run_check(args: argparse.Namespace) -> int:
     import torch
 
     from lra import bench
+    from lra.bench_rows import load_rows
     from lra.gpu_check_report import OUTPUT_FILES, write_report
 
     preset = DRY if args.dry_run else GPU
     device = torch.device(preset["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device; `python -m lra.gpu_check --dry-run` runs the CPU dry run")
+    chosen = args.stages.split(",") if args.stages else list(STAGES)
+    if set(chosen) - set(STAGES):
+        sys.exit(f"gpu_check: --stages {args.stages!r}: choose from {','.join(STAGES)}")
+    stages = [s for s in STAGES if s in chosen]
     label = "dry-run-cpu" if args.dry_run else bench.default_label(device)
     out, scratch = folders(args.dry_run, label, args.out, args.scratch)
     out.mkdir(parents=True, exist_ok=True)
@@ -338,10 +295,6 @@ def run_check(args: argparse.Namespace) -> int:
     for name in OUTPUT_FILES:  # files of an earlier check, never anything else
         (out / name).unlink(missing_ok=True)
     sink = Rows(out / "rows.jsonl")
-    chosen = args.stages.split(",") if args.stages else list(STAGES)
-    if set(chosen) - set(STAGES):
-        sys.exit(f"gpu_check: --stages {args.stages!r}: choose from {','.join(STAGES)}")
-    stages = [s for s in STAGES if s in chosen]
     started = time.time()
     sink.emit(
         {
@@ -360,7 +313,6 @@ def run_check(args: argparse.Namespace) -> int:
             "notes": [],
         }
     )
-    runners = {"pytest": stage_pytest, "operator": stage_child, "model": stage_child, "train": stage_train}
     carry, failed = 0.0, False
     for name in stages:
         nominal = preset["budgets_s"][name] * args.budget_scale
@@ -369,19 +321,17 @@ def run_check(args: argparse.Namespace) -> int:
         deadline = stage_start + budget
         print(f"\n== gpu_check: stage {name} (budget {budget:.0f} s)", flush=True)
         try:
-            status = runners[name](
-                name=name,
-                preset=preset,
-                dry=args.dry_run,
-                sink=sink,
-                deadline=deadline,
-                out=out,
-                scratch=scratch,
-            )
+            if name == "pytest":
+                status = stage_pytest(sink, deadline, out, scratch)
+            elif name == "train":
+                log = out / "train.log"
+                status = train_and_resume(preset["train"], args.dry_run, sink.emit, deadline, log, scratch)
+            else:
+                status = stage_child(name, args.dry_run, sink, deadline)
         except Exception as error:  # noqa: BLE001 - a broken stage is a row; the later stages still run
             status = f"failed: {type(error).__name__}: {error}"
         wall = time.time() - stage_start
-        cut = any(r.get("kind") == "cut" and r.get("stage") == name for r in _read(sink.path))
+        cut = any(r.get("kind") == "cut" and r.get("stage") == name for r in load_rows(sink.path))
         sink.emit(
             {"kind": "stage", "stage": name, "status": status, "budget_s": budget, "wall_s": wall, "cut": cut}
         )
@@ -395,12 +345,6 @@ def run_check(args: argparse.Namespace) -> int:
     report = write_report(sink.path, out)
     print(f"\ngpu_check: {time.time() - started:.0f} s; report {report}", flush=True)
     return 1 if failed else 0
-
-
-def _read(path: Path) -> list[dict[str, Any]]:
-    from lra.gpu_check_report import load_rows
-
-    return load_rows(path)
 
 
 def main(argv: list[str] | None = None) -> int:

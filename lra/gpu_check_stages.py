@@ -1,7 +1,5 @@
-"""The GPU check's row sink, bounded subprocesses, and its stages 1 (pytest) and 4 (a real training run).
-
-The orchestration, presets and the benchmark stages are in ``lra/gpu_check.py``.
-"""
+"""The GPU check's row sink, bounded subprocesses, and its stages 1 (pytest) and 4 (a real training run);
+the orchestration and the benchmark stages are in ``lra/gpu_check.py``."""
 
 from __future__ import annotations
 
@@ -59,7 +57,7 @@ def run_bounded(
             handle.close()
 
 
-def stage_pytest(sink: Rows, deadline: float, out: Path, scratch: Path, **_: Any) -> str:
+def stage_pytest(sink: Rows, deadline: float, out: Path, scratch: Path) -> str:
     """Stage 1: every test file with a ``gpu`` mark, ``-m gpu``, one row per test from its JUnit XML."""
     files = sorted(
         str(p.relative_to(REPO)) for p in (REPO / "tests").rglob("test_*.py") if "mark.gpu" in p.read_text()
@@ -69,79 +67,44 @@ def stage_pytest(sink: Rows, deadline: float, out: Path, scratch: Path, **_: Any
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA", "-p", "no:cacheprovider"]
     cmd.append(f"--junitxml={junit}")
     code = run_bounded([*cmd, *files], deadline - time.time(), log=out / "pytest.log")
-    for row in pytest_rows(junit):
-        sink.emit(row)
+    for case in ET.parse(junit).getroot().iter("testcase") if junit.is_file() else []:
+        outcome, message = "passed", None
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed"}.get(child.tag, child.tag)
+                message = ((child.get("message") or child.text or "").strip().splitlines() or [None])[0]
+                message = message and message[:300]
+                break
+        test = f"{case.get('classname')}::{case.get('name')}"
+        time_s = float(case.get("time") or 0.0)
+        sink.emit({"kind": "pytest", "test": test, "outcome": outcome, "time_s": time_s, "message": message})
     if code is None:
         return "killed at its deadline"
     return "ok" if code in (0, 5) else f"failed (exit {code})"
 
 
-def stage_train(
-    preset: dict[str, Any], dry: bool, sink: Rows, deadline: float, out: Path, scratch: Path, **_: Any
-) -> str:
-    """Stage 4: train.py on the ListOps recipe, then resumed (``train_and_resume``)."""
-    return train_and_resume(
-        preset["train"], dry, sink.emit, deadline, out / "train.log", scratch, run_bounded
-    )
-
-
-def pytest_rows(junit: Path) -> list[dict[str, Any]]:
-    """One row per test case of a JUnit XML report: outcome, seconds, the first line of any message."""
-    if not junit.is_file():
-        return []
-    rows = []
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        outcome, message = "passed", None
-        for child in case:
-            if child.tag in ("failure", "error", "skipped"):
-                outcome = {"failure": "failed"}.get(child.tag, child.tag)
-                message = (child.get("message") or child.text or "").strip().splitlines()[:1]
-                message = message[0][:300] if message else None
-                break
-        rows.append(
-            {
-                "kind": "pytest",
-                "test": f"{case.get('classname')}::{case.get('name')}",
-                "outcome": outcome,
-                "time_s": float(case.get("time") or 0.0),
-                "message": message,
-            }
-        )
-    return rows
-
-
-def train_losses(metrics_csv: Path) -> list[tuple[int, float]]:
-    """(step, train/loss) pairs that Lightning's CSV logger wrote."""
+def _train_losses(metrics_csv: Path) -> list[float]:
+    """The train/loss values that Lightning's CSV logger wrote."""
     if not metrics_csv.is_file():
         return []
     with metrics_csv.open() as handle:
         return [
-            (int(row["step"]), float(row["train/loss"]))
-            for row in csv.DictReader(handle)
-            if row.get("train/loss") not in (None, "")
+            float(r["train/loss"]) for r in csv.DictReader(handle) if r.get("train/loss") not in (None, "")
         ]
 
 
-def _summary(run_dir: Path) -> dict[str, Any]:
+def _phase_row(phase: str, run_dir: Path, code: int | None, started: float) -> dict[str, Any]:
+    """A ``train`` row from the run's summary.json (None fields where it wrote none)."""
     path = run_dir / "summary.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _summary_row(phase: str, summary: dict[str, Any], code: int | None, wall_s: float) -> dict[str, Any]:
-    config = summary.get("config") or {}
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    keys = ("status", "global_step", "resumed_from", "device", "perf", "metrics", "attention_values")
     return {
         "kind": "train",
         "phase": phase,
         "exit_code": code,
-        "wall_s": wall_s,
-        "status": summary.get("status"),
-        "global_step": summary.get("global_step"),
-        "resumed_from": summary.get("resumed_from"),
-        "device": summary.get("device"),
-        "precision": (config.get("trainer") or {}).get("precision"),
-        "perf": summary.get("perf"),
-        "metrics": summary.get("metrics"),
-        "attention_values": summary.get("attention_values"),
+        "wall_s": time.time() - started,
+        **{key: summary.get(key) for key in keys},
+        "precision": ((summary.get("config") or {}).get("trainer") or {}).get("precision"),
     }
 
 
@@ -152,13 +115,11 @@ def train_and_resume(
     deadline: float,
     log: Path,
     scratch: Path,
-    run_bounded: Callable[..., int | None],
 ) -> str:
-    """Train ListOps for ``spec['steps']`` steps, then ``resume=`` the run to ``spec['resume_steps']``.
+    """Stage 4: train ListOps for ``spec['steps']`` steps, then ``resume=`` it to ``spec['resume_steps']``.
 
-    Emits a ``train`` row per phase (from its summary.json) and a ``train_check`` row per verdict. Returns
-    the stage status: ``ok`` when both phases completed and every check passed. In the dry run the loss
-    verdict is recorded but does not count (a handful of steps need not lower the loss).
+    Emits a ``train`` row per phase and a ``train_check`` row per verdict; ``ok`` when both phases completed
+    and every check passed. In the dry run the loss verdict does not count (a few steps need not lower it).
     """
     run_dir = scratch / "train"
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -172,68 +133,29 @@ def train_and_resume(
     first += [f"profile={spec['profile']}", f"logger={logger}", f"hydra.run.dir={run_dir}"]
     first += [f"trainer.max_steps={spec['steps']}", *spec["overrides"]]
     second = [sys.executable, "train.py", f"resume={run_dir}", f"trainer.max_steps={spec['resume_steps']}"]
-    checks: list[tuple[str, bool, str, bool]] = []  # (name, ok, detail, counts)
 
     started = time.time()
     code = run_bounded(first, deadline - time.time(), log=log, env=env)
-    summary = _summary(run_dir)
-    emit(_summary_row("train", summary, code, time.time() - started))
-    losses = train_losses(run_dir / "csv" / "metrics.csv")
+    row = _phase_row("train", run_dir, code, started)
+    emit(row)
+    perf, precision, kind = row["perf"] or {}, row["precision"], (row["perf"] or {}).get("peak_mem_kind")
+    losses = _train_losses(run_dir / "csv" / "metrics.csv")
+    loss_detail, third = f"{len(losses)} logged losses", max(1, len(losses) // 3)
+    early, late = sum(losses[:third]) / third, sum(losses[-third:]) / third
+    if len(losses) >= 4:
+        loss_detail = f"mean of the first {third} logged losses {early:.4f}, of the last {third} {late:.4f}"
     checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    checks.append(
-        ("train run completed", code == 0 and summary.get("status") == "completed", f"exit {code}", True)
-    )
-    checks += _loss_check(losses, counts=not dry)
-    checks += _summary_checks(summary, dry)
-    checks.append(("checkpoint written", checkpoint.is_file(), str(checkpoint.relative_to(scratch)), True))
-
-    if checkpoint.is_file() and time.time() < deadline:
-        started = time.time()
-        code = run_bounded(second, deadline - time.time(), log=log, env=env)
-        resumed = _summary(run_dir)
-        emit(_summary_row("resume", resumed, code, time.time() - started))
-        ok = code == 0 and resumed.get("status") == "completed" and bool(resumed.get("resumed_from"))
-        step = resumed.get("global_step")
-        detail = (
-            f"exit {code}; from {spec['steps']} to step {step}, resumed_from={resumed.get('resumed_from')}"
-        )
-        checks.append(
-            ("resume continues to the new max_steps", ok and step == spec["resume_steps"], detail, True)
-        )
-    else:
-        checks.append(
-            ("resume continues to the new max_steps", False, "not run (no checkpoint or no time)", True)
-        )
-    for name, ok, detail, counts in checks:
-        emit({"kind": "train_check", "check": name, "ok": ok, "detail": detail, "counts": counts})
-    failed = [name for name, ok, _, counts in checks if counts and not ok]
-    return "ok" if not failed else "failed: " + "; ".join(failed)
-
-
-def _loss_check(losses: list[tuple[int, float]], counts: bool) -> list[tuple[str, bool, str, bool]]:
-    if len(losses) < 4:
-        return [("training loss decreases", False, f"{len(losses)} logged losses", counts)]
-    third = max(1, len(losses) // 3)
-    early = sum(loss for _, loss in losses[:third]) / third
-    late = sum(loss for _, loss in losses[-third:]) / third
-    detail = f"mean of the first {third} logged losses {early:.4f}, of the last {third} {late:.4f}"
-    return [("training loss decreases", late < early, detail, counts)]
-
-
-def _summary_checks(summary: dict[str, Any], dry: bool) -> list[tuple[str, bool, str, bool]]:
-    perf = summary.get("perf") or {}
-    precision = ((summary.get("config") or {}).get("trainer") or {}).get("precision")
-    kind = perf.get("peak_mem_kind")
-    throughput = all((perf.get(key) or 0) > 0 for key in ("steps_per_s", "tokens_per_s"))
-    return [
+    checks = [  # (name, ok, detail, counts)
+        ("train run completed", code == 0 and row["status"] == "completed", f"exit {code}", True),
+        ("training loss decreases", len(losses) >= 4 and late < early, loss_detail, not dry),
         (
             "summary.json has throughput",
-            throughput,
+            all((perf.get(key) or 0) > 0 for key in ("steps_per_s", "tokens_per_s")),
             f"{perf.get('steps_per_s', 0):.3g} steps/s, {perf.get('tokens_per_s', 0):.4g} tokens/s",
             True,
         ),
         (
-            "summary.json has CUDA peak memory" if not dry else "summary.json has peak memory",
+            "summary.json has peak memory" if dry else "summary.json has CUDA peak memory",
             (kind == "cuda_max_allocated" or dry) and (perf.get("peak_mem_gb") or 0) > 0,
             f"{perf.get('peak_mem_gb', 0):.3g} GB ({kind})",
             True,
@@ -244,4 +166,20 @@ def _summary_checks(summary: dict[str, Any], dry: bool) -> list[tuple[str, bool,
             f"trainer.precision={precision}",
             True,
         ),
+        ("checkpoint written", checkpoint.is_file(), str(checkpoint.relative_to(scratch)), True),
     ]
+    resumed, detail = False, "not run (no checkpoint or no time)"
+    if checkpoint.is_file() and time.time() < deadline:
+        started = time.time()
+        code = run_bounded(second, deadline - time.time(), log=log, env=env)
+        row = _phase_row("resume", run_dir, code, started)
+        emit(row)
+        step = row["global_step"]
+        resumed = code == 0 and row["status"] == "completed" and bool(row["resumed_from"])
+        resumed = resumed and step == spec["resume_steps"]
+        detail = f"exit {code}; from {spec['steps']} to step {step}, resumed_from={row['resumed_from']}"
+    checks.append(("resume continues to the new max_steps", resumed, detail, True))
+    for name, ok, detail, counts in checks:
+        emit({"kind": "train_check", "check": name, "ok": ok, "detail": detail, "counts": counts})
+    failed = [name for name, ok, _, counts in checks if counts and not ok]
+    return "ok" if not failed else "failed: " + "; ".join(failed)

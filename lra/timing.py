@@ -1,13 +1,6 @@
-"""Time and memory measurement, one implementation for the training callbacks (``lra/callbacks.py``), the
-efficiency benchmark (``lra/bench.py``, ``lra/bench_levels.py``) and the crossover script
-(``lra/crossover.py``).
-
-Device time: CUDA events on a GPU; on a CPU a host clock around each call (``time.perf_counter``, or
-``time.thread_time`` for the crossover script, which a busy machine disturbs less). Device memory: the tensor
-allocator's peak (CUDA statistics, or the profiler's CPU allocator accounting). Process memory: the resident
-set (``/proc/self/status``), what a CPU training run reports. A sweep over sequence lengths (``Sweep``) makes
-every point a result row: measured, skipped (time cap, or after running out of memory) or failed.
-"""
+"""Time and memory measurement shared by the training callbacks, the efficiency benchmark and the crossover
+script: CUDA events or a host clock, the allocator's peak, the process RSS, and ``Sweep``, which turns every
+point of a benchmark (measured, skipped, out of memory, failed) into a result row."""
 
 from __future__ import annotations
 
@@ -25,18 +18,8 @@ import torch
 
 
 def synchronize(device: torch.device) -> None:
-    """Wait for the queued device work (a no-op on a CPU, whose calls return when they are done)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def warm_up(fn: Callable[[], Any], device: torch.device, calls: int) -> Any:
-    """Call ``fn`` at least once (compilation, caches, autotuning happen here); return its last result."""
-    result = None
-    for _ in range(max(1, calls)):
-        result = fn()
-    synchronize(device)
-    return result
 
 
 def time_calls(
@@ -45,11 +28,8 @@ def time_calls(
     repeats: int,
     cpu_clock: Callable[[], float] = time.perf_counter,
 ) -> list[float]:
-    """Milliseconds of each of ``repeats`` calls of ``fn`` (already warmed up).
-
-    CUDA events on a GPU. On a CPU, ``cpu_clock`` around each call: the calls take milliseconds to seconds,
-    and ``torch.utils.benchmark.Timer.timeit`` would run two hidden warm-up calls per measurement.
-    """
+    """Milliseconds of each of ``repeats`` calls of a warmed-up ``fn``: CUDA events on a GPU, ``cpu_clock``
+    on a CPU (``torch.utils.benchmark.Timer`` would add hidden warm-up calls to every measurement)."""
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -74,9 +54,17 @@ def median_iqr(times: list[float]) -> tuple[float, float]:
     return statistics.median(times), quartiles[2] - quartiles[0]
 
 
-def median_ms(fn: Callable[[], Any], device: torch.device, repeats: int) -> tuple[float, float]:
-    """(median, IQR) milliseconds of ``repeats`` calls of a warmed-up ``fn``."""
-    return median_iqr(time_calls(fn, device, repeats))
+def measure(
+    fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int, memory: bool = True
+) -> tuple[Any, float | None, float, float]:
+    """(last warm-up result, peak MB or None, median ms, IQR ms) of ``fn``: at least one warm-up call
+    (compilation, caches, autotuning), one call for peak memory, then ``repeats`` timed calls."""
+    result = None
+    for _ in range(max(1, warmup)):
+        result = fn()
+    synchronize(device)
+    peak_mb = peak_memory_mb(fn, device) if memory else None
+    return result, peak_mb, *median_iqr(time_calls(fn, device, repeats))
 
 
 def reset_peak_allocated(device: torch.device) -> int:
@@ -91,12 +79,10 @@ def peak_allocated(device: torch.device) -> int:
 
 
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
-    """Peak of the bytes allocated by ``fn`` above what was live when it started (inputs excluded).
+    """Peak of the tensor bytes allocated by ``fn`` above what was live when it started (inputs excluded).
 
-    CUDA: the rise of ``max_memory_allocated``. CPU: the profiler's allocator accounting: every CPU tensor
-    allocation and free is an event carrying the allocator's running total, and the peak is the largest
-    total minus its value before the first event (live tensor bytes; not the process RSS, and not the
-    private scratch of oneDNN/MKL).
+    CUDA: the rise of ``max_memory_allocated``. CPU: the profiler's allocator events, each carrying the
+    allocator's running total (live tensor bytes; not the process RSS, not oneDNN/MKL scratch).
     """
     if device.type == "cuda":
         synchronize(device)
@@ -114,35 +100,25 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
     while pending:
         event = pending.pop()
         if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            events.append(
-                (event.start_time_ns, event.extra_fields.alloc_size, event.extra_fields.total_allocated)
-            )
+            fields = event.extra_fields
+            events.append((event.start_time_ns, fields.alloc_size, fields.total_allocated))
         pending.extend(event.children)
     if not events:
         return 0.0
-    events.sort()
     # The running total persists across profiler sessions and misses frees made while none is active, so
     # it is taken relative to its value just before this session's first event.
-    _, size, total = events[0]
-    baseline = total - size
-    peak = max(0, max(total for _, _, total in events) - baseline)
-    return peak / 2**20
+    _, size, total = min(events)
+    return max(0, max(total for _, _, total in events) - (total - size)) / 2**20
 
 
-def is_oom(error: BaseException) -> bool:
+def _is_oom(error: BaseException) -> bool:
     """CUDA raises OutOfMemoryError; the CPU allocator raises a plain RuntimeError."""
     text = str(error).lower()
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate" in text
 
 
-def failure_text(error: BaseException, limit: int) -> str:
-    """``Type: first line`` of an exception, cut to ``limit`` characters: what a result row records."""
-    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:limit]}"
-
-
 def release_memory(device: torch.device, collect: bool = False) -> None:
-    """Return cached device memory; ``collect`` also runs the garbage collector (slow: only after a failure,
-    whose traceback frames may have held large tensors)."""
+    """Return cached device memory; ``collect`` first frees tensors held by a failure's traceback frames."""
     if collect:
         gc.collect()
     if device.type == "cuda":
@@ -150,11 +126,8 @@ def release_memory(device: torch.device, collect: bool = False) -> None:
 
 
 class TimeCap:
-    """Skips the next, longer point of a series once its predicted wall time exceeds ``budget_s``.
-
-    The prediction extrapolates the last point with the growth exponent measured between the last two
-    (clamped to [1, 2.2]; 2 before there are two points), so quadratic methods stop one doubling earlier.
-    """
+    """Skips the next, longer point of a series once its predicted wall time exceeds ``budget_s``: the last
+    point extrapolated with the growth exponent of the last two (clamped to [1, 2.2]; 2 from one point)."""
 
     def __init__(self, budget_s: float) -> None:
         self.budget_s = budget_s
@@ -163,31 +136,24 @@ class TimeCap:
     def record(self, key: tuple, n: int, seconds: float) -> None:
         self.history.setdefault(key, []).append((n, seconds))
 
-    def predicted_s(self, key: tuple, n: int) -> float | None:
-        points = self.history.get(key, [])
+    def skip_reason(self, key: tuple, n: int) -> str | None:
+        points = self.history.get(key)
         if not points:
             return None
         (n_last, t_last), exponent = points[-1], 2.0
         if len(points) > 1 and points[-2][0] < n_last and points[-2][1] > 0:
             n_prev, t_prev = points[-2]
             exponent = min(2.2, max(1.0, math.log(t_last / t_prev) / math.log(n_last / n_prev)))
-        return t_last * (n / n_last) ** exponent
-
-    def skip_reason(self, key: tuple, n: int) -> str | None:
-        predicted = self.predicted_s(key, n)
-        if predicted is not None and predicted > self.budget_s:
+        predicted = t_last * (n / n_last) ** exponent
+        if predicted > self.budget_s:
             return f"time cap: predicted {predicted:.0f} s > point_budget_s={self.budget_s:g}"
         return None
 
 
 class Sweep:
-    """One row per point, whatever happens to it; shared by both levels.
-
-    A series (one line of a plot) that ran out of memory skips its longer points; a point whose predicted
-    wall time exceeds ``point_budget_s`` is skipped; any exception becomes the row's ``error`` and the sweep
-    goes on. ``timed_key`` is the row field that says a point was measured (its wall time then feeds the
-    time cap).
-    """
+    """One row per point, whatever happens to it. A series (one line of a plot) that ran out of memory
+    skips its longer points, a point predicted to exceed ``point_budget_s`` is skipped, and any exception
+    becomes the row's ``error``. ``timed_key``: the row field that says a point was measured."""
 
     def __init__(self, device: torch.device, point_budget_s: float, timed_key: str) -> None:
         self.device, self.timed_key = device, timed_key
@@ -199,14 +165,13 @@ class Sweep:
         row: dict[str, Any],
         series: tuple,
         n: int,
-        measure: Callable[[], dict[str, Any]],
+        run: Callable[[], dict[str, Any]],
         skip: str | None = None,
     ) -> dict[str, Any]:
-        """``row`` completed with the outcome of ``measure()`` (or why it did not run), the 1-minute load
-        and the point's wall time."""
+        """``row`` completed with ``run()`` (or why it did not run), the 1-minute load and wall time."""
         started = time.perf_counter()
         row.update(oom=False, skipped=None, error=None)
-        row.update(self._outcome(series, n, measure, skip))
+        row.update(self._outcome(series, n, run, skip))
         row["load1"] = os.getloadavg()[0]
         row["wall_s"] = time.perf_counter() - started
         if row.get(self.timed_key) is not None:
@@ -214,7 +179,7 @@ class Sweep:
         return row
 
     def _outcome(
-        self, series: tuple, n: int, measure: Callable[[], dict[str, Any]], skip: str | None
+        self, series: tuple, n: int, run: Callable[[], dict[str, Any]], skip: str | None
     ) -> dict[str, Any]:
         if series in self.oom_at:
             return {"skipped": f"out of memory at N={self.oom_at[series]}", "oom": True}
@@ -223,13 +188,14 @@ class Sweep:
             return {"skipped": reason}
         failed = False
         try:
-            return measure()
+            return run()
         except Exception as error:  # noqa: BLE001 - every failure becomes a row, the sweep goes on
             failed = True
-            if is_oom(error):
+            oom = _is_oom(error)
+            if oom:
                 self.oom_at[series] = n
-                return {"oom": True, "error": failure_text(error, 200)}
-            return {"error": failure_text(error, 300)}
+            text = f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][: 200 if oom else 300]}"
+            return {"oom": True, "error": text} if oom else {"error": text}
         finally:
             release_memory(self.device, collect=failed)
 
@@ -250,11 +216,8 @@ def process_rss_gb() -> float | None:
 
 
 def reset_process_peak_rss() -> bool:
-    """Restart the peak-RSS counter at the current RSS (Linux: ``clear_refs`` 5); False where unsupported.
-
-    A Hydra multirun trains its jobs one after another in one process: without the reset, every job would
-    report the largest peak of all the jobs before it.
-    """
+    """Restart the peak-RSS counter at the current RSS (Linux ``clear_refs`` 5); False where unsupported.
+    A Hydra multirun trains its jobs in one process: without it each job would inherit the earlier peaks."""
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
