@@ -4,19 +4,14 @@
     python -m lra.analysis.ablation --skip-train     # report from the runs already in --runs-dir
     python -m lra.analysis.ablation --smoke --out /tmp/a   # operator part on small shapes (seconds)
 
-Two parts, written to ``--out`` (default ``outputs/analyses``; the committed copy: ``--out
-results/analyses``): ``ablation.md`` and ``ablation_training.png``.
+* Operator: the efficient-mode sums with every tensor held in fp16 / bf16 / fp32 (the official code under
+  autocast), and the module itself (states accumulated in fp32), against float64, with and without each
+  normalisation, at several N and input scales s (q, k multiplied by s).
+* Training: ``--steps`` ListOps steps at 2000 tokens in fp16 (with loss scaling) and bf16 mixed precision,
+  each ablated configuration beside the normalised one, recording the loss and the attention-input gradient
+  norms per step; non-finite losses are skipped steps, so a run shows them instead of stopping.
 
-* Operator (deterministic): the efficient-mode sums with every tensor held in fp16 / bf16 / fp32 (an
-  emulation of the official code under autocast, where the states are matmul outputs in the autocast dtype),
-  against the float64 result, for the normalised scheme, without 1/N (values not divided by the token count)
-  and without any normalisation, at several N and input scales s (q, k multiplied by s). The module itself
-  accumulates the states in fp32 (spec 1), which is measured beside the emulation.
-* Training: ListOps at 2000 tokens (CPU profile model), ``--steps`` steps in fp16 mixed precision (with loss
-  scaling) and bf16 mixed precision, for TaylorShift (scheme on / ``normalize_input=false output_norm=false``)
-  and Fastmax (``normalize=maxnorm`` / ``none``); the loss, its finiteness and the attention-input gradient
-  norms per step are recorded. A non-finite loss is allowed (skipped steps) so that the run shows it instead
-  of stopping.
+Writes ``ablation.md`` and ``ablation_training.png`` to ``--out`` (default ``outputs/analyses``).
 """
 
 from __future__ import annotations
@@ -29,19 +24,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import Tensor
 
-from lra.analysis.runs import (
-    add_output_arguments,
-    check_fresh,
-    grad_series,
-    pyplot,
-    read_metrics,
-    save_figure,
-    shown,
-    train,
-)
-from lra.errors import run_cli
+from lra.analysis.runs import add_output_arguments, grad_series, launch, read_metrics, save_figure, shown
+from lra.errors import MissingDataError, run_cli
 from lra.registry import attention_factory
 from lra.summary import REPO_ROOT, device_name
 
@@ -97,9 +84,8 @@ def prepared(q: Tensor, k: Tensor, scheme: str) -> tuple[Tensor, Tensor, tuple[f
 def emulated_efficient(q: Tensor, k: Tensor, v: Tensor, scheme: str, dtype: torch.dtype) -> Tensor:
     """Factorised polynomial attention with every operand and state held in ``dtype`` (no fp32 accumulation
     outside the matmul kernels), as the official code computes it under autocast; ``[B, H, N, d]`` float64.
-
     The normalisation (the part that bounds the values) runs in float64 first, then everything is cast.
-    """
+    In float64 this is the reference: it matches the N×N definition to ~1e-15 and stays cheap at N = 70k."""
     q, k, (a, b, c), divide = prepared(q.double(), k.double(), scheme)
     v_aug = torch.cat([torch.ones_like(v[..., :1]), v], dim=-1).double()
     if divide:
@@ -110,12 +96,6 @@ def emulated_efficient(q: Tensor, k: Tensor, v: Tensor, scheme: str, dtype: torc
     s0 = v_aug.sum(dim=-2, keepdim=True)
     out = a * (_quadratic(q) @ s2) + b * (q @ s1) + c * s0
     return (out[..., 1:] / out[..., :1]).double()
-
-
-def reference(q: Tensor, k: Tensor, v: Tensor, scheme: str) -> Tensor:
-    """The float64 result: the factorised form in float64, which matches the N×N definition to ~1e-15 (the
-    attention tests check it) and, unlike an N×N matrix, stays cheap at N = 70k."""
-    return emulated_efficient(q, k, v, scheme, torch.float64)
 
 
 def module_output(q: Tensor, k: Tensor, v: Tensor, scheme: str, dtype: torch.dtype) -> Tensor | None:
@@ -131,13 +111,13 @@ def module_output(q: Tensor, k: Tensor, v: Tensor, scheme: str, dtype: torch.dty
         return module(q.to(dtype), k.to(dtype), v.to(dtype)).double()
 
 
-def _errors(out: Tensor, truth: Tensor) -> dict[str, float]:
+def _errors(prefix: str, out: Tensor, truth: Tensor) -> dict[str, float]:
     finite = torch.isfinite(out)
     error = ((out - truth).abs().amax(dim=-1) / truth.abs().amax(dim=-1).clamp_min(1e-30))[finite.all(dim=-1)]
     return {
-        "nonfinite": float((~finite).float().mean()),
-        "zero_rows": float((out == 0).all(dim=-1).float().mean()),
-        "max_rel_error": float(error.max()) if error.numel() else math.nan,
+        f"{prefix}_nonfinite": float((~finite).float().mean()),
+        f"{prefix}_zero_rows": float((out == 0).all(dim=-1).float().mean()),
+        f"{prefix}_max_rel_error": float(error.max()) if error.numel() else math.nan,
     }
 
 
@@ -150,108 +130,71 @@ def operator_rows(
         generator = torch.Generator().manual_seed(seq_len)
         q, k, v = (torch.randn(1, 1, seq_len, head_dim, generator=generator) for _ in range(3))
         for scale in scales:
+            sq, sk = scale * q, scale * k
             for scheme in SCHEMES:
-                truth = reference(scale * q, scale * k, v, scheme)
+                truth = emulated_efficient(sq, sk, v, scheme, torch.float64)
                 for dtype_name, dtype in DTYPES.items():
                     row = {"scheme": scheme, "seq_len": seq_len, "scale": scale, "dtype": dtype_name}
-                    emulated = emulated_efficient(scale * q, scale * k, v, scheme, dtype)
-                    row.update({f"emulated_{key}": value for key, value in _errors(emulated, truth).items()})
-                    ours = module_output(scale * q, scale * k, v, scheme, dtype)
-                    if ours is not None:
-                        row.update({f"module_{key}": value for key, value in _errors(ours, truth).items()})
+                    row |= _errors("emulated", emulated_efficient(sq, sk, v, scheme, dtype), truth)
+                    if (ours := module_output(sq, sk, v, scheme, dtype)) is not None:
+                        row |= _errors("module", ours, truth)
                     rows.append(row)
     return rows
 
 
+def _cell(row: dict[str, Any], prefix: str) -> str:
+    """``ok (max relative error)`` or, in bold, what failed."""
+    nonfinite, zero_rows = row[f"{prefix}_nonfinite"], row[f"{prefix}_zero_rows"]
+    error = row[f"{prefix}_max_rel_error"]
+    if nonfinite == 0 and zero_rows == 0 and error < 0.05:
+        return f"ok ({error:.0e})"
+    parts = [f"{100 * nonfinite:.0f}% inf/nan"] if nonfinite else []
+    parts += [f"{100 * zero_rows:.0f}% zero rows"] if zero_rows else []
+    parts += [f"err {error:.2g}"] if math.isfinite(error) and error >= 0.05 else []
+    return "**" + ", ".join(parts) + "**"
+
+
 def operator_table(rows: list[dict[str, Any]]) -> str:
     """One line per (scheme, dtype, implementation), one column per (N, s): ok or what failed."""
-
-    def cell(row: dict[str, Any], prefix: str) -> str:
-        nonfinite, zero_rows = row[f"{prefix}_nonfinite"], row[f"{prefix}_zero_rows"]
-        error = row[f"{prefix}_max_rel_error"]
-        if nonfinite == 0 and zero_rows == 0 and error < 0.05:
-            return f"ok ({error:.0e})"
-        parts = [f"{100 * nonfinite:.0f}% inf/nan"] if nonfinite else []
-        parts += [f"{100 * zero_rows:.0f}% zero rows"] if zero_rows else []
-        parts += [f"err {error:.2g}"] if math.isfinite(error) and error >= 0.05 else []
-        return "**" + ", ".join(parts) + "**"
-
     columns = list(dict.fromkeys((row["seq_len"], row["scale"]) for row in rows))
     header = "| scheme | dtype | states | " + " | ".join(f"N={n}, s={s:g}" for n, s in columns) + " |"
     lines = [header, "|---|---|---|" + "---|" * len(columns)]
     for scheme in SCHEMES:
         for dtype in DTYPES:
+            chosen = {
+                (r["seq_len"], r["scale"]): r for r in rows if r["scheme"] == scheme and r["dtype"] == dtype
+            }
             for prefix, what in (("emulated", "in dtype"), ("module", "fp32 (module)")):
-                chosen = {
-                    (r["seq_len"], r["scale"]): r
-                    for r in rows
-                    if r["scheme"] == scheme and r["dtype"] == dtype
-                }
-                if not chosen or f"{prefix}_nonfinite" not in next(iter(chosen.values())):
-                    continue
-                cells = [cell(chosen[column], prefix) for column in columns]
-                lines.append(f"| {scheme} | {dtype} | {what} | " + " | ".join(cells) + " |")
+                if chosen and f"{prefix}_nonfinite" in next(iter(chosen.values())):
+                    cells = [_cell(chosen[column], prefix) for column in columns]
+                    lines.append(f"| {scheme} | {dtype} | {what} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def train_overrides(label: str, precision: str, run_dir: Path, steps: int, seq_len: int) -> list[str]:
     """The train.py command line of one ablation run."""
     attention, overrides = ABLATED[label]
-    return [
-        "task=listops",
-        f"attention={attention}",
+    words = [
+        f"task=listops attention={attention}",
         *(f"attention.{key}={str(value).lower()}" for key, value in overrides.items()),
-        "profile=cpu",
-        "logger=csv",
-        "callbacks=grad_norms",
-        "callbacks.grad_norms.every_n_steps=1",
+        "profile=cpu logger=csv callbacks=grad_norms callbacks.grad_norms.every_n_steps=1",
         *PRECISIONS[precision],
-        f"trainer.max_steps={steps}",
-        f"trainer.val_check_interval={steps}",
-        "trainer.log_every_n_steps=1",
+        f"trainer.max_steps={steps} trainer.val_check_interval={steps} trainer.log_every_n_steps=1",
         "++trainer.max_nonfinite_steps=1000000",
-        "optim.lr=1e-3",
-        "scheduler.name=constant",
-        "scheduler.warmup_steps=0",
-        f"data.seq_len={seq_len}",
-        f"data.max_length={seq_len}",
-        f"data.min_length={seq_len * 3 // 4}",
-        "data.batch_size=4",
-        "data.num_train=400",
-        "data.num_val=16",
-        "data.num_test=16",
-        "data.max_eval_samples=16",
-        f"hydra.run.dir={shown(run_dir)}",
+        "optim.lr=1e-3 scheduler.name=constant scheduler.warmup_steps=0",
+        f"data.seq_len={seq_len} data.max_length={seq_len} data.min_length={seq_len * 3 // 4} "
+        "data.batch_size=4 data.num_train=400 data.num_val=16 data.num_test=16 data.max_eval_samples=16",
     ]
-
-
-def train_runs(
-    runs_dir: Path, steps: int, seq_len: int, precisions: Sequence[str]
-) -> dict[tuple[str, str], Path]:
-    """Train every (variant, precision) with train.py; a failing run is reported, not fatal."""
-    runs = run_dirs(runs_dir, precisions)
-    check_fresh(list(runs.values()))
-    for (label, precision), run_dir in runs.items():
-        code = train(train_overrides(label, precision, run_dir, steps, seq_len), run_dir)
-        (run_dir / "exit_code").write_text(str(code))
-    return runs
-
-
-def run_dirs(runs_dir: Path, precisions: Sequence[str]) -> dict[tuple[str, str], Path]:
-    """``runs_dir/<label>-<precision>`` for every ablated configuration and precision."""
-    return {
-        (label, precision): runs_dir / f"{label}-{precision}" for precision in precisions for label in ABLATED
-    }
+    return [*" ".join(words).split(), f"hydra.run.dir={shown(run_dir)}"]
 
 
 def run_record(run_dir: Path) -> dict[str, Any]:
-    """Loss per step, non-finite steps, the largest attention-input gradient norm, the exit code."""
+    """The exit code, the loss per step and the largest attention-input (q, k) gradient norm per step."""
     exit_code = int((run_dir / "exit_code").read_text()) if (run_dir / "exit_code").is_file() else None
     try:
         metrics = read_metrics(run_dir)
-    except FileNotFoundError:
+    except MissingDataError:
         return {"exit_code": exit_code, "loss": [], "grad_max": []}
-    loss = metrics.get("train/loss", [])
     by_step: dict[int, float] = {}
     for key, points in grad_series(metrics).items():
         if key.endswith(("/q", "/k")):
@@ -259,10 +202,8 @@ def run_record(run_dir: Path) -> dict[str, Any]:
                 by_step[step] = max(by_step.get(step, 0.0), value)
     return {
         "exit_code": exit_code,
-        "loss": loss,
+        "loss": metrics.get("train/loss", []),
         "grad_max": sorted(by_step.items()),
-        "loss_scale": metrics.get("loss_scale", []),
-        "test_acc": metrics.get("test/acc", [(0, math.nan)])[-1][1],
     }
 
 
@@ -281,27 +222,22 @@ def training_table(runs: dict[tuple[str, str], Path]) -> str:
         first_last = f"{losses[0]:.3g} / {losses[-1]:.3g}" if losses else "n/a"
         lines.append(
             f"| {label} | {precision} | {record['exit_code']} | {len(losses)} | {nonfinite} | {first_last} | "
-            f"{max(finite_grads) if finite_grads else math.nan:.3g} | {len(grads) - len(finite_grads)} |"
+            f"{max(finite_grads, default=math.nan):.3g} | {len(grads) - len(finite_grads)} |"
         )
     return "\n".join(lines)
 
 
 def plot_training(runs: dict[tuple[str, str], Path], path: Path) -> Path:
-    plt = pyplot()
     precisions = list(dict.fromkeys(precision for _, precision in runs))
-    figure, axes = plt.subplots(
-        len(precisions), 2, figsize=(11, 3.5 * len(precisions)), squeeze=False, layout="constrained"
-    )
-    labels = list(ABLATED)
+    figure = Figure(figsize=(11, 3.5 * len(precisions)), layout="constrained")
+    axes = figure.subplots(len(precisions), 2, squeeze=False)
     for (label, precision), run_dir in runs.items():
-        row = precisions.index(precision)
         record = run_record(run_dir)
         style = "--" if label.endswith(("-off", "-none")) else "-"
-        colour = f"C{labels.index(label)}"
-        if record["loss"]:
-            axes[row][0].plot(*zip(*record["loss"], strict=True), style, color=colour, label=label)
-        if record["grad_max"]:
-            axes[row][1].plot(*zip(*record["grad_max"], strict=True), style, color=colour, label=label)
+        colour = f"C{list(ABLATED).index(label)}"
+        for axis, key in zip(axes[precisions.index(precision)], ("loss", "grad_max"), strict=True):
+            if record[key]:
+                axis.plot(*zip(*record[key], strict=True), style, color=colour, label=label)
     for row, precision in enumerate(precisions):
         axes[row][0].set_title(f"{precision}: training loss (gaps = non-finite)")
         axes[row][1].set_title(f"{precision}: max over layers of ‖dL/dq‖, ‖dL/dk‖")
@@ -326,9 +262,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="operator part only, small shapes")
     args = parser.parse_args(argv)
 
+    def overrides(key: tuple[str, str], run_dir: Path) -> list[str]:
+        return train_overrides(*key, run_dir, args.steps, args.seq_len)
+
     args.out.mkdir(parents=True, exist_ok=True)
-    shapes = {"seq_lens": (256,), "scales": (1.0, 16.0)} if args.smoke else {}
-    rows = operator_rows(**shapes)
+    rows = operator_rows(**({"seq_lens": (256,), "scales": (1.0, 16.0)} if args.smoke else {}))
     sections = [
         "# Normalisation ablation: TaylorShift and Fastmax without their normalisation",
         "",
@@ -344,13 +282,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         operator_table(rows),
     ]
     if not args.smoke:
-        if args.skip_train:
-            runs = run_dirs(args.runs_dir, args.precisions)
-        else:
-            runs = train_runs(args.runs_dir, args.steps, args.seq_len, args.precisions)
+        runs = {(label, p): args.runs_dir / f"{label}-{p}" for p in args.precisions for label in ABLATED}
+        launch(runs, overrides, args.skip_train)
         plot_training(runs, args.out / "ablation_training.png")
-        run_dir = args.runs_dir / "taylorshift-off-fp16"
-        example = " ".join(train_overrides("taylorshift-off", "fp16", run_dir, args.steps, args.seq_len))
+        example = " ".join(overrides(("taylorshift-off", "fp16"), args.runs_dir / "taylorshift-off-fp16"))
         sections += [
             "",
             f"## Training: ListOps at {args.seq_len} tokens, {args.steps} steps, lr 1e-3 constant, batch 4",

@@ -19,8 +19,7 @@ import torch
 from hydra.utils import instantiate
 
 from data.cache import atomic_write_text
-from lra.analysis.maps import load_run, run_files
-from lra.analysis.runs import shown
+from lra.analysis.runs import load_run, run_files, shown
 from lra.errors import run_cli
 from lra.module import model_inputs
 
@@ -38,15 +37,14 @@ def split_accuracy(model: torch.nn.Module, loader: Any) -> tuple[float, int]:
 
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
     """The run's last checkpoint scored on its task's whole validation and test splits."""
-    _, _, config = run_files(run_dir)
+    config = run_files(run_dir)[2]
     config.data.max_eval_samples = None
     datamodule = instantiate(config.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     datamodule.setup("test")
     run, _ = load_run(run_dir, datamodule)
-    row: dict[str, Any] = {"run": shown(run_dir), "task": config.task.name, "attention": run.name}
-    row["seed"] = int(config.seed)
+    row = {"run": shown(run_dir), "task": config.task.name, "attention": run.name, "seed": int(config.seed)}
     for split, loader in (("val", datamodule.val_dataloader()), ("test", datamodule.test_dataloader())):
         row[f"{split}_acc"], row[f"{split}_examples"] = split_accuracy(run.model, loader)
         row[f"{split}_acc_subsample"] = run.summary.get("metrics", {}).get(f"{split}/acc")
@@ -61,12 +59,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = [evaluate_run(path) for path in args.runs]
-    columns = ("val_acc_subsample", "val_acc", "test_acc_subsample", "test_acc")
     print("| run | task | attention | seed | val % (run) | val % (whole) | test % (run) | test % (whole) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        cells = ["—" if row[key] is None else f"{100 * row[key]:.2f}" for key in columns]
-        print(f"| {row['run']} | {row['task']} | {row['attention']} | {row['seed']} | {' | '.join(cells)} |")
+        columns = ("val_acc_subsample", "val_acc", "test_acc_subsample", "test_acc")
+        cells = [row["run"], row["task"], row["attention"], row["seed"]]
+        cells += ["—" if row[key] is None else f"{100 * row[key]:.2f}" for key in columns]
+        print("| " + " | ".join(map(str, cells)) + " |")
     if args.out:
         atomic_write_text(args.out, json.dumps(rows, indent=2) + "\n")
 

@@ -1,12 +1,9 @@
-"""Per-layer gradient norms of the attention inputs q, k, v, logged every K training steps.
+"""Per-layer gradient norms of the attention inputs q, k, v (``python train.py callbacks=grad_norms``).
 
-``python train.py callbacks=grad_norms`` (every 10 steps; ``callbacks.grad_norms.every_n_steps=K``) logs
-``grad_norm/layer<i>/{q,k,v}``: the L2 norm over the whole batch of dL/dq, dL/dk, dL/dv at the input of
-layer i's attention module. It checks the Fastmax paper's bounded-gradient claim
-(``python -m lra.analysis.gradients`` compares softmax, TaylorShift and Fastmax).
-
-Cost: on the other steps a forward pre-hook returns at once; on a logged step it adds one tensor hook per
-input whose squared norm stays on the device until the step ends (one host sync per logged step).
+Checks the bounded-gradient claim of Fastmax (Gerami et al. 2024) and TaylorShift (Nauen et al. 2024);
+``python -m lra.analysis.gradients`` compares the attentions. Off the logged steps a forward pre-hook returns
+at once; on a logged step each input gets a tensor hook whose squared norm stays on the device until the
+step ends (one host sync per logged step).
 """
 
 from __future__ import annotations
@@ -16,27 +13,19 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 
 from lra.analysis.capture import AttentionCall, add_attention_pre_hooks
 from models.attention.base import Attention
 
-INPUTS = ("q", "k", "v")
-
 
 class AttentionGradNorms(L.Callback):
-    """Log ``grad_norm/layer<i>/{q,k,v}`` on steps where ``global_step % every_n_steps == 0``.
+    """Log ``grad_norm/layer<i>/{q,k,v}``, the whole-batch L2 norm of dL/dq, dL/dk, dL/dv at the input of
+    layer i's attention, on steps where ``global_step % every_n_steps == 0`` (step 0 included).
 
-    With gradient scaling (fp16 mixed precision) the norms are divided by the loss scale, so they are the
-    true gradients' norms, and the scale is logged as ``loss_scale`` (an inf norm at a scale the GradScaler
-    then lowers is its normal overflow probe, not a diverging model). A dual encoder calls each layer twice
-    per step: both calls add to the norm.
-
-    Args:
-        every_n_steps: log on every n-th optimiser step (step 0 included).
-
-    Attributes:
-        history: one dict per logged step, ``{"step": s, "layer0/q": norm, ...}``.
+    With fp16 gradient scaling the norms are divided by the loss scale, which is logged as ``loss_scale``
+    (an inf norm at a scale the GradScaler then lowers is its overflow probe, not a diverging model). A dual
+    encoder calls each layer twice per step: both calls add to the norm. ``history`` keeps one dict per
+    logged step, ``{"step": s, "layer0/q": norm, ...}``.
     """
 
     def __init__(self, every_n_steps: int = 10) -> None:
@@ -44,7 +33,7 @@ class AttentionGradNorms(L.Callback):
             raise ValueError(f"AttentionGradNorms: every_n_steps must be >= 1, got {every_n_steps}")
         self.every_n_steps = every_n_steps
         self.history: list[dict[str, float]] = []
-        self._handles: list[RemovableHandle] = []
+        self._handles: list = []
         self._active = False
         self._step = 0
         self._squares: dict[str, Tensor] = {}
@@ -66,12 +55,13 @@ class AttentionGradNorms(L.Callback):
         self._active = self._step % self.every_n_steps == 0
         self._squares = {}
         # The scaler changes its scale only in update(), after this batch's backward and optimiser step.
-        self._scale = _loss_scale(trainer)
+        scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        self._scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def _on_attention_call(self, layer: int, module: Attention, call: AttentionCall) -> None:
         if not (self._active and module.training and torch.is_grad_enabled()):
             return
-        for name, tensor in zip(INPUTS, (call.q, call.k, call.v), strict=True):
+        for name, tensor in (("q", call.q), ("k", call.k), ("v", call.v)):
             if tensor.requires_grad:
                 tensor.register_hook(lambda grad, key=f"layer{layer}/{name}": self._record(key, grad))
 
@@ -95,11 +85,3 @@ class AttentionGradNorms(L.Callback):
         # Straight to the loggers: self.log would keep only steps that are multiples of log_every_n_steps.
         for logger in trainer.loggers:
             logger.log_metrics(logged, step=self._step)
-
-
-def _loss_scale(trainer: L.Trainer) -> float:
-    """The GradScaler's current loss scale (1 without fp16 gradient scaling)."""
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    return float(scaler.get_scale())

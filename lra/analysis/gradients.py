@@ -1,44 +1,38 @@
-"""Gradient behaviour of every registered attention, to check TaylorShift's and Fastmax's bounded-gradient
-claim (Nauen et al. 2024, arXiv 2403.02920; Gerami et al. 2024, arXiv 2402.07901).
+"""Gradient norms of every registered attention, to check TaylorShift's and Fastmax's bounded-gradient claim
+(Nauen et al. 2024, arXiv 2403.02920; Gerami et al. 2024, arXiv 2402.07901).
 
     python -m lra.analysis.gradients                       # a short CPU ListOps run per attention, report
     python -m lra.analysis.gradients --skip-train          # report from the runs already in --runs-dir
     python -m lra.analysis.gradients --smoke --out /tmp/g  # the operator sweep only, tiny shapes (seconds)
 
-Two measurements, written to ``--out`` (default ``outputs/analyses``; the committed copy:
-``--out results/analyses``):
-
-* training (``gradients_listops.png``, table in ``gradients.md``): each attention trains ``--steps`` steps
-  on ListOps with the CPU profile (``train.py ... callbacks=analyses``), logging the per-layer norms of
-  dL/dq, dL/dk, dL/dv at the attention inputs every ``--every`` steps (``lra.analysis.grad_norms``).
-  The runs (checkpoints, CSV logs, attention maps) stay in ``--runs-dir``.
-* operator (``gradients_vs_scale.png``): one attention call on fixed q, k, v multiplied by a scale s
-  (s·q, s·k: the logit magnitude a layer can reach as weights grow), gradient norms of <out, dO> with a fixed
-  random dO. Normalised logits (TaylorShift's cosine, Fastmax's max-norm) make the output invariant to s,
-  so their q, k gradients must fall as 1/s; softmax's logits grow as s², so its gradients first grow, then
-  vanish as it saturates; without normalisation the polynomial kernels' gradients are unbounded.
+* Operator (``gradients_vs_scale.png``): the gradient norms of <out, dO> (fixed random dO) for one call on
+  (s·q, s·k, v). Normalised logits (TaylorShift's cosine, Fastmax's max-norm) make the output invariant to
+  s, so their q, k gradients must fall as 1/s; softmax's grow, then vanish as it saturates.
+* Training (``gradients_listops.png``): ``--steps`` CPU ListOps steps per attention with
+  ``callbacks=analyses``, logging the per-layer norms of dL/dq, dL/dk, dL/dv every ``--every`` steps; the
+  runs stay in ``--runs-dir``. Reports go to ``--out`` (default ``outputs/analyses``).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.figure import Figure
 
 from lra.analysis.runs import (
     add_output_arguments,
-    check_fresh,
     grad_series,
-    pyplot,
+    launch,
     read_metrics,
     read_summary,
     save_figure,
     shown,
-    train,
 )
 from lra.errors import run_cli
 from lra.registry import attention_factory, registered_attentions
@@ -59,40 +53,12 @@ MIN_MAX_LEN = 256
 def train_overrides(attention: str, run_dir: Path, steps: int, every: int, seq_len: int) -> list[str]:
     """The train.py command line of one training run of the analysis."""
     return [
-        "task=listops",
-        f"attention={attention}",
-        "profile=cpu",
-        "logger=csv",
-        "callbacks=analyses",
-        f"callbacks.grad_norms.every_n_steps={every}",
-        f"trainer.max_steps={steps}",
-        f"trainer.val_check_interval={max(1, steps // 2)}",
-        f"data.seq_len={seq_len}",
-        f"data.max_length={seq_len}",
-        f"data.min_length={min(100, seq_len // 2)}",
-        "data.num_train=4000",
-        "data.max_eval_samples=200",
+        *f"task=listops attention={attention} profile=cpu logger=csv callbacks=analyses "
+        f"callbacks.grad_norms.every_n_steps={every} trainer.max_steps={steps} "
+        f"trainer.val_check_interval={max(1, steps // 2)} data.seq_len={seq_len} data.max_length={seq_len} "
+        f"data.min_length={min(100, seq_len // 2)} data.num_train=4000 data.max_eval_samples=200".split(),
         f"hydra.run.dir={shown(run_dir)}",
     ]
-
-
-def operator_variants() -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, registry name, constructor overrides): every registered attention, then ``UNNORMALISED``."""
-    named = [(name, name, OPERATOR_OVERRIDES.get(name, {})) for name in registered_attentions()]
-    return named + list(UNNORMALISED)
-
-
-def train_runs(
-    attentions: Sequence[str], runs_dir: Path, steps: int, every: int, seq_len: int
-) -> dict[str, Path]:
-    """Train each attention with train.py (as a user would), output in ``runs_dir/<attention>``."""
-    check_fresh([runs_dir / attention for attention in attentions])
-    for attention in attentions:
-        run_dir = runs_dir / attention
-        code = train(train_overrides(attention, run_dir, steps, every, seq_len), run_dir)
-        if code != 0:
-            raise RuntimeError(f"training {attention} failed (exit {code}); see {run_dir / 'train.log'}")
-    return {attention: runs_dir / attention for attention in attentions}
 
 
 def training_table(runs: dict[str, Path]) -> str:
@@ -104,12 +70,10 @@ def training_table(runs: dict[str, Path]) -> str:
     for attention, run_dir in runs.items():
         for key, points in sorted(grad_series(read_metrics(run_dir)).items()):
             values = [value for _, value in points]
-            finite = [value for value in values if math.isfinite(value)]
-            ordered = sorted(finite)
-            median = ordered[len(ordered) // 2] if ordered else math.nan
-            low, high = (ordered[0], ordered[-1]) if ordered else (math.nan, math.nan)
-            ratio = high / low if ordered and low > 0 else math.inf
-            bad = len(values) - len(finite)
+            bad = sum(not math.isfinite(value) for value in values)
+            finite = sorted(value for value in values if math.isfinite(value)) or [math.nan]
+            median, low, high = statistics.median_high(finite), finite[0], finite[-1]
+            ratio = high / low if low > 0 else math.inf
             logged = f"{len(values)} ({bad} non-finite)" if bad else str(len(values))
             cells = [attention, key, *(f"{x:.3g}" for x in (median, low, high, ratio, values[-1])), logged]
             lines.append("| " + " | ".join(cells) + " |")
@@ -126,37 +90,32 @@ def accuracy_lines(runs: dict[str, Path]) -> list[str]:
             continue
         metrics = summary.get("metrics", {})
         keys = ("train/loss", "val/acc", "val/acc_best", "test/acc")
-        lines.append(
-            f"- {attention}: " + ", ".join(f"{key} {metrics[key]:.3f}" for key in keys if key in metrics)
-        )
+        lines.append(f"- {attention}: " + ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if k in metrics))
     return lines
 
 
 def plot_training(runs: dict[str, Path], path: Path) -> Path:
     """q, k, v gradient norms against step (log scale; colour: attention, line style: layer), and the loss."""
-    plt = pyplot()
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8), layout="constrained")
+    figure = Figure(figsize=(11, 8), layout="constrained")
+    axes = figure.subplots(2, 2)
     styles = ("-", "--", ":", "-.")
     for index, (attention, run_dir) in enumerate(runs.items()):
-        colour = f"C{index}"
         metrics = read_metrics(run_dir)
         for key, points in sorted(grad_series(metrics).items()):
             layer, name = key.split("/")
-            axis = axes.flat[("q", "k", "v").index(name)]
-            steps, values = zip(*points, strict=True)
             style = styles[int(layer.removeprefix("layer")) % len(styles)]
-            axis.plot(steps, values, style, color=colour, label=f"{attention} {layer}")
+            axes.flat["qkv".index(name)].plot(
+                *zip(*points, strict=True), style, color=f"C{index}", label=f"{attention} {layer}"
+            )
         if "train/loss" in metrics:
-            steps, values = zip(*metrics["train/loss"], strict=True)
-            axes.flat[3].plot(steps, values, color=colour, label=attention)
-    for axis, name in zip(axes.flat[:3], ("q", "k", "v"), strict=True):
+            axes.flat[3].plot(*zip(*metrics["train/loss"], strict=True), color=f"C{index}", label=attention)
+    for axis, name in zip(axes.flat, "qkv", strict=False):
         axis.set_yscale("log")
         axis.set_title(f"‖dL/d{name}‖ at the attention input")
+    axes.flat[3].set_title("training loss")
+    for axis in axes.flat:
         axis.set_xlabel("step")
         axis.legend(fontsize=7)
-    axes.flat[3].set_title("training loss")
-    axes.flat[3].set_xlabel("step")
-    axes.flat[3].legend(fontsize=7)
     figure.suptitle(
         f"ListOps, CPU profile: gradient norms of the attention inputs ({device_name()})", fontsize=10
     )
@@ -166,16 +125,14 @@ def plot_training(runs: dict[str, Path], path: Path) -> Path:
 def operator_scale_sweep(
     scales: Sequence[float] = SCALES, batch: int = 1, heads: int = 4, seq_len: int = 256, head_dim: int = 16
 ) -> list[dict[str, Any]]:
-    """Gradient norms of one attention call as q and k are scaled, for every ``operator_variants()`` entry.
-
-    Returns:
-        Rows ``{"attention", "scale", "q", "k", "v"}`` (gradient norms of <out, dO>) in float64.
-    """
+    """Rows ``{"attention", "scale", "seq_len", "head_dim", "q", "k", "v"}``: the float64 gradient norms of
+    <out, dO> for one call on (s·q, s·k, v), for every registered attention and ``UNNORMALISED``."""
     generator = torch.Generator().manual_seed(0)
     shape = (batch, heads, seq_len, head_dim)
     q, k, v, grad_out = (torch.randn(shape, generator=generator, dtype=torch.float64) for _ in range(4))
+    variants = [(name, name, OPERATOR_OVERRIDES.get(name, {})) for name in registered_attentions()]
     rows = []
-    for label, name, overrides in operator_variants():
+    for label, name, overrides in [*variants, *UNNORMALISED]:
         torch.manual_seed(0)  # the same random parameters (Performer's features) at every run
         module = attention_factory(name, overrides)(
             num_heads=heads, head_dim=head_dim, max_len=max(seq_len, MIN_MAX_LEN)
@@ -183,30 +140,21 @@ def operator_scale_sweep(
         module = module.double().eval()
         for scale in scales:
             leaves = [(scale * q).requires_grad_(), (scale * k).requires_grad_(), v.clone().requires_grad_()]
-            out = module(*leaves)
-            grads = torch.autograd.grad((out * grad_out).sum(), leaves)
+            grads = torch.autograd.grad((module(*leaves) * grad_out).sum(), leaves)
             row = {"attention": label, "scale": scale, "seq_len": seq_len, "head_dim": head_dim}
-            row.update({name: float(grad.norm()) for name, grad in zip("qkv", grads, strict=True)})
-            rows.append(row)
+            rows.append(row | {name: float(grad.norm()) for name, grad in zip("qkv", grads, strict=True)})
     return rows
 
 
 def plot_scale_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
-    plt = pyplot()
-    figure, axes = plt.subplots(1, 3, figsize=(13, 4), layout="constrained")
-    labels = list(dict.fromkeys(row["attention"] for row in rows))
-    for index, label in enumerate(labels):
+    figure = Figure(figsize=(13, 4), layout="constrained")
+    axes = figure.subplots(1, 3)
+    for index, label in enumerate(dict.fromkeys(row["attention"] for row in rows)):
         chosen = [row for row in rows if row["attention"] == label]
         style = "--" if "=" in label else "-"
         for axis, name in zip(axes, "qkv", strict=True):
-            axis.plot(
-                [r["scale"] for r in chosen],
-                [r[name] for r in chosen],
-                style,
-                marker="o",
-                color=f"C{index}",
-                label=label,
-            )
+            xs, ys = [r["scale"] for r in chosen], [r[name] for r in chosen]
+            axis.plot(xs, ys, style, marker="o", color=f"C{index}", label=label)
     for axis, name in zip(axes, "qkv", strict=True):
         axis.set_xscale("log")
         axis.set_yscale("log")
@@ -243,11 +191,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     add_output_arguments(parser, REPO_ROOT, runs_dir="gradients")
     parser.add_argument("--smoke", action="store_true", help="operator sweep only, tiny shapes")
     args = parser.parse_args(argv)
-    args.attentions = registered_attentions(args.attentions)
+    attentions = registered_attentions(args.attentions)
+
+    def overrides(attention: str, run_dir: Path) -> list[str]:
+        return train_overrides(attention, run_dir, args.steps, args.every, args.seq_len)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    sweep_shape = {"seq_len": 16, "head_dim": 4, "heads": 2} if args.smoke else {}
-    rows = operator_scale_sweep(**sweep_shape)
+    rows = operator_scale_sweep(**({"seq_len": 16, "head_dim": 4, "heads": 2} if args.smoke else {}))
     plot_scale_sweep(rows, args.out / "gradients_vs_scale.png")
     sections = [
         "# Gradient norms of the attentions",
@@ -262,16 +212,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         scale_table(rows),
     ]
     if not args.smoke:
-        if args.skip_train:
-            runs = {name: args.runs_dir / name for name in args.attentions}
-        else:
-            runs = train_runs(args.attentions, args.runs_dir, args.steps, args.every, args.seq_len)
+        runs = {name: args.runs_dir / name for name in attentions}
+        launch(runs, overrides, args.skip_train, fatal=True)
         plot_training(runs, args.out / "gradients_listops.png")
-        example = " ".join(
-            train_overrides(
-                "<attention>", args.runs_dir / "<attention>", args.steps, args.every, args.seq_len
-            )
-        )
+        example = " ".join(overrides("<attention>", args.runs_dir / "<attention>"))
         sections += [
             "",
             "## Training: per-layer gradient norms at the attention inputs, ListOps (CPU profile)",

@@ -7,36 +7,29 @@
 
 TaylorShift's efficient mode costs O(N·h·d³) = O(N·D³/h²) at fixed width, its direct mode O(N²·D) whatever
 h is, so more, smaller heads should move the efficient mode's crossover down to N0 = d² + d + 1 per head
-(spec 3.5). Each (h, d) pair runs through the efficiency benchmark's operator level (``lra.bench``:
-interleaved variants, median of repeats, peak memory with inputs excluded, fp32 correctness gate), so the
-numbers are measured exactly as ``python -m lra.bench`` measures them. Writes ``heads_<label>.md``,
-``heads_<label>.png`` and the rows (``heads_<label>.jsonl``) to ``--out`` (default ``outputs/analyses``; the
-committed copy: ``--out results/analyses``).
+(Nauen et al. 2024). Each (h, d) pair runs through the operator level of ``python -m lra.bench``, so the
+numbers are measured exactly as the benchmark measures them. Writes ``heads_<label>.md``, ``.png`` and the
+rows (``.jsonl``) to ``--out`` (default ``outputs/analyses``; the committed copy: ``--out results/analyses``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from lra.analysis.runs import add_output_arguments, pyplot, save_figure
-from lra.bench import (
-    DTYPES,
-    OperatorBench,
-    calibration_row,
-    environment,
-    select_device,
-    shared_bench_config,
-    variants_from_config,
-)
-from lra.bench_report import METRICS, OperatorTable, metric_value
+from lra.analysis.runs import add_output_arguments, save_figure
+from lra.bench import DTYPES, calibration_row, environment, select_device, shared_bench_config
+from lra.bench_levels import OperatorBench, variants_from_config
+from lra.bench_rows import METRICS, OperatorTable, metric_value
 from lra.errors import ConfigError, MissingDataError, run_cli
 from lra.registry import registered_attentions
 from lra.summary import REPO_ROOT, to_jsonable
@@ -51,33 +44,26 @@ DIRECT, EFFICIENT = "taylorshift mode=direct", "taylorshift mode=efficient"
 
 
 def bench_config(args: argparse.Namespace, heads: int, head_dim: int) -> Any:
-    """The config ``lra.bench.OperatorBench`` reads, for one (h, d) pair: conf/bench.yaml's shared keys
-    (seed, FLOP conventions) with this grid as its preset."""
-    variants = dict(VARIANTS)
-    variants["linformer"] = [{"proj_len": min(256, min(args.seq_lens))}]
+    """conf/bench.yaml's shared keys (seed, FLOP conventions) with one (h, d) pair of this grid as preset."""
+    variants = {**VARIANTS, "linformer": [{"proj_len": min(256, min(args.seq_lens))}]}
     calibration = {"matmul_n": 64 if args.smoke else 1024, "copy_mb": 1 if args.smoke else 64, "repeats": 3}
+    operator_level = {
+        "batch": [1],
+        "heads": [heads],
+        "head_dim": [head_dim],
+        "seq_len": sorted(args.seq_lens),
+        "causal": [False],
+        "masked": [False],
+        "warmup": 1,
+        "repeats": args.repeats,
+        "max_n_quadratic": max(args.seq_lens),
+        "point_budget_s": args.point_budget_s,
+        "gate_max_n": min(1024, max(args.seq_lens)),
+        "gate_tol": {"float64": 1e-8, "float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2},
+    }
     return OmegaConf.merge(
         shared_bench_config(),
-        {
-            "calibration": calibration,
-            "bench": {
-                "variants": variants,
-                "operator_level": {
-                    "batch": [1],
-                    "heads": [heads],
-                    "head_dim": [head_dim],
-                    "seq_len": sorted(args.seq_lens),
-                    "causal": [False],
-                    "masked": [False],
-                    "warmup": 1,
-                    "repeats": args.repeats,
-                    "max_n_quadratic": max(args.seq_lens),
-                    "point_budget_s": args.point_budget_s,
-                    "gate_max_n": min(1024, max(args.seq_lens)),
-                    "gate_tol": {"float64": 1e-8, "float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2},
-                },
-            },
-        },
+        {"calibration": calibration, "bench": {"variants": variants, "operator_level": operator_level}},
     )
 
 
@@ -94,15 +80,17 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
         if not rows:
             rows.append({"kind": "calibration", **env, **calibration_row(cfg, device, dtype)})
         variants = variants_from_config(cfg.bench.variants, registered_attentions(args.attentions))
-        bench = OperatorBench(cfg, variants, device, dtype, env, None)
-        for row in bench.rows():
-            row["width"] = args.width
-            rows.append(row)
+        for row in OperatorBench(cfg, variants, device, dtype, env, None).rows():
+            rows.append(row | {"width": args.width})
             cell = (
                 "skipped" if row.get("skipped") else row.get("error") or f"{row.get('fwd_bwd_ms', 0):.1f} ms"
             )
             print(f"h={heads:3d} d={head_dim:4d} N={row['seq_len']:6d} {row['label']:30s} {cell}", flush=True)
     return rows
+
+
+def _pairs(table: OperatorTable) -> list[tuple[tuple, int]]:
+    return [(setting, head_dim) for setting in table.settings for head_dim in table.head_dims(setting)]
 
 
 def crossover_table(table: OperatorTable) -> list[str]:
@@ -112,74 +100,61 @@ def crossover_table(table: OperatorTable) -> list[str]:
         "N1 | faster than softmax SDPA (fwd+bwd) | faster than softmax math (fwd+bwd) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for setting in table.settings:
-        for head_dim in table.head_dims(setting):
-            found = [
-                table.crossover(setting, head_dim, EFFICIENT, DIRECT, metric).text() for metric in METRICS
-            ]
-            sdpa = table.crossover(setting, head_dim, EFFICIENT, "softmax backend=auto", "fwd_bwd_ms").text()
-            math_ = table.crossover(setting, head_dim, EFFICIENT, "softmax backend=math", "fwd_bwd_ms").text()
-            cells = [
-                str(setting[2]),
-                str(head_dim),
-                found[0],
-                found[1],
-                f"{crossover_n0(head_dim):,}",
-                found[2],
-            ]
-            cells += [f"{crossover_n1(head_dim):,}", sdpa, math_]
-            lines.append("| " + " | ".join(cells) + " |")
+    for setting, d in _pairs(table):
+        fwd, fwd_bwd, memory = table.crossover_texts(setting, d, EFFICIENT, DIRECT)
+        softmax = [
+            table.crossover(setting, d, EFFICIENT, f"softmax backend={backend}", "fwd_bwd_ms").text()
+            for backend in ("auto", "math")
+        ]
+        n0, n1 = f"{crossover_n0(d):,}", f"{crossover_n1(d):,}"
+        cells = [setting[2], d, fwd, fwd_bwd, n0, memory, n1, *softmax]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return lines
 
 
 def at_length_table(table: OperatorTable, n: int, metric: str) -> list[str]:
     """Every variant's ``metric`` at one N, one column per head count (fixed width)."""
-    pairs = [(setting, head_dim) for setting in table.settings for head_dim in table.head_dims(setting)]
-    header = "| variant | " + " | ".join(f"h={s[2]}, d={d}" for s, d in pairs) + " |"
-    lines = [header, "|---|" + "---|" * len(pairs)]
+    pairs = _pairs(table)
+    lines = [
+        "| variant | " + " | ".join(f"h={s[2]}, d={d}" for s, d in pairs) + " |",
+        "|---|" + "---|" * len(pairs),
+    ]
     for label in table.labels:
-        cells = []
-        for setting, head_dim in pairs:
-            value = metric_value(table.get(setting, head_dim, label, n), metric)
-            cells.append("—" if value is None else ("OOM" if value == float("inf") else f"{value:.3g}"))
+        values = [metric_value(table.get(s, d, label, n), metric) for s, d in pairs]
+        cells = ["—" if v is None else "OOM" if v == math.inf else f"{v:.3g}" for v in values]
         lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
     return lines
 
 
-def plot(table: OperatorTable, path: Path, width: int) -> Path:
-    plt = pyplot()
+def _plot_measured(axis: Any, xs: Sequence, ys: Sequence, *style: str, **kwargs: Any) -> None:
+    """Plot the points that have a finite value (not missing, not out of memory)."""
+    points = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None and y != math.inf]
+    if points:
+        axis.plot(*zip(*points, strict=True), *style, marker="o", **kwargs)
 
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5), layout="constrained")
-    pairs = [(setting, head_dim) for setting in table.settings for head_dim in table.head_dims(setting)]
-    for index, (setting, head_dim) in enumerate(pairs):
-        colour = f"C{index}"
+
+def plot(table: OperatorTable, path: Path, width: int) -> Path:
+    figure = Figure(figsize=(16, 4.5), layout="constrained")
+    axes = figure.subplots(1, 3)
+    pairs = _pairs(table)
+    for index, (setting, d) in enumerate(pairs):
         for label, style in ((EFFICIENT, "-"), (DIRECT, "--")):
             for axis, metric in zip(axes[:2], ("fwd_bwd_ms", "peak_mb"), strict=True):
-                ns, values = table.series(setting, head_dim, label, metric)
-                points = [
-                    (n, v) for n, v in zip(ns, values, strict=True) if v is not None and v != float("inf")
-                ]
-                if points:
-                    axis.plot(
-                        *zip(*points, strict=True),
-                        style,
-                        marker="o",
-                        color=colour,
-                        label=f"{label.split('=')[1]} h={setting[2]} d={head_dim}",
-                    )
+                name = f"{label.split('=')[1]} h={setting[2]} d={d}"
+                _plot_measured(
+                    axis, *table.series(setting, d, label, metric), style, color=f"C{index}", label=name
+                )
     for axis, metric in zip(axes[:2], ("fwd_bwd_ms", "peak_mb"), strict=True):
         axis.set_xscale("log", base=2)
         axis.set_yscale("log")
         axis.set_xlabel("N")
         axis.set_title(f"TaylorShift {METRICS[metric]}, D = {width}")
         axis.legend(fontsize=6)
-    longest = max(n for setting, head_dim in pairs for n in table.lengths(setting, head_dim))
+    longest = max(n for setting, d in pairs for n in table.lengths(setting, d))
     heads = [setting[2] for setting, _ in pairs]
     for index, label in enumerate(table.labels):
         values = [metric_value(table.get(s, d, label, longest), "fwd_bwd_ms") for s, d in pairs]
-        points = [(h, v) for h, v in zip(heads, values, strict=True) if v is not None and v != float("inf")]
-        if points:
-            axes[2].plot(*zip(*points, strict=True), marker="o", color=f"C{index}", label=label)
+        _plot_measured(axes[2], heads, values, color=f"C{index}", label=label)
     axes[2].set_xscale("log", base=2)
     axes[2].set_yscale("log")
     axes[2].set_xlabel(f"heads h (d = {width}/h)")
@@ -192,7 +167,6 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
     table = OperatorTable(rows)
     run = next((row for row in rows if row["kind"] == "calibration"), {})
     measured = next((row for row in rows if row["kind"] == "heads_run"), {"argv": args.argv, "seconds": 0.0})
-    seconds = measured["seconds"]
     command = " ".join(["python -m lra.analysis.heads", *measured["argv"]])
     longest = max(args.seq_lens)
     figure = plot(table, args.out / f"heads_{args.label}.png", args.width)
@@ -202,7 +176,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
     lines = [
         f"# Heads analysis: fixed width D = {args.width}, h ∈ {list(args.heads)}, d = D/h ({args.label})",
         "",
-        f"Command: `{command}` ({seconds / 60:.1f} min).",
+        f"Command: `{command}` ({measured['seconds'] / 60:.1f} min).",
         "",
         f"Machine: {run.get('device_name', '?')}, torch {run.get('torch', '?')}, {run.get('threads', '?')} "
         f"threads, {args.dtype}, B = 1, non-causal, unmasked; matmul calibration "

@@ -2,24 +2,17 @@
 
     python -m lra.analysis.lag --runs <run dir> <run dir> ... --out results/analyses/lag_listops
 
-For each ``train.py`` run directory (``config_resolved.yaml``, ``checkpoints/last.ckpt``,
-``csv/metrics.csv``):
-
-* **Row sharpness**, at initialisation (the model rebuilt with the run's seed, exactly as ``train.py`` builds
-  it) and at the last checkpoint, on the first ``--examples`` validation examples: the entropy of every real
-  query row over the real keys divided by log N (1 = uniform, 0 = one key), and the largest weight times N
-  (1 = uniform). Averaged over rows and examples, per layer and head.
-* **τ over training** for attentions that log one per head (``attention/layer<l>/tau_<h>`` in the CSV log),
-  beside the path τ would follow under AdamW's decoupled weight decay alone,
-  τ_t = τ_0 · Π_{s<t} (1 − lr_s · wd): where the two coincide, the loss moved τ no more than weight decay did.
-
-Writes ``<out>.md`` (tables) and ``<out>.png`` (τ against step, and N·max per head at init and end).
+Per ``train.py`` run directory and per layer and head, on the first ``--examples`` validation examples, at
+initialisation (rebuilt with the run's seed exactly as ``train.py`` builds it) and at the last checkpoint:
+the entropy of each real query row over the real keys / log N (1 = uniform, 0 = one key) and the largest
+weight × N (1 = uniform). For attentions that log τ per head (``attention/layer<l>/tau_<h>``), τ over
+training beside the path AdamW's decoupled weight decay alone would give, τ_t = τ_0 · Π_{s<t} (1 − lr_s·wd):
+where the two coincide, the loss moved τ no more than weight decay did. Writes ``<out>.md`` and ``<out>.png``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import re
 from collections.abc import Sequence
@@ -29,11 +22,13 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
 
 from data.cache import atomic_write_text
-from lra.analysis.maps import example_from, example_maps, load_run, model_from_config
-from lra.analysis.runs import pyplot, save_figure
-from lra.errors import ConfigError, run_cli
+from lra.analysis.maps import example_from, example_maps
+from lra.analysis.runs import load_run, model_from_config, read_metrics, save_figure
+from lra.errors import ConfigError, MissingDataError, run_cli
 from lra.schedules import lr_multiplier
 from models.heads import LRAModel
 
@@ -52,7 +47,7 @@ class Sharpness:
 
 def row_sharpness(model: LRAModel, examples: Sequence[dict[str, torch.Tensor]]) -> list[Sharpness]:
     """Per layer and head, over the real query rows of ``examples``: H(row)/log N and N·max(row)."""
-    sums: dict[tuple[int, int], list[float]] = {}
+    sums: dict[tuple[int, int], np.ndarray] = {}
     for example in examples:
         for layer_maps in example_maps(model, example):
             weights = torch.from_numpy(layer_maps.weights).double()  # [heads, N, keys], real tokens only
@@ -62,20 +57,16 @@ def row_sharpness(model: LRAModel, examples: Sequence[dict[str, torch.Tensor]]) 
             entropy = -(weights * torch.log(weights.clamp_min(1e-300))).sum(-1) / math.log(keys)
             peak = weights.amax(-1) * keys
             for index, head in enumerate(layer_maps.heads):
-                bucket = sums.setdefault((layer_maps.layer, head), [0.0, 0.0, 0.0])
-                bucket[0] += float(entropy[index].sum())
-                bucket[1] += float(peak[index].sum())
-                bucket[2] += entropy.shape[1]
+                bucket = sums.setdefault((layer_maps.layer, head), np.zeros(3))
+                bucket += (float(entropy[index].sum()), float(peak[index].sum()), entropy.shape[1])
     return [
-        Sharpness(layer, head, total_entropy / rows, total_peak / rows)
-        for (layer, head), (total_entropy, total_peak, rows) in sorted(sums.items())
+        Sharpness(layer, head, entropy / rows, peak / rows)
+        for (layer, head), (entropy, peak, rows) in sorted(sums.items())
     ]
 
 
 def initial_model(run_dir: Path, datamodule: object) -> LRAModel:
     """The run's model at step 0: train.py seeds, then instantiates the attention and builds the model."""
-    from omegaconf import OmegaConf
-
     config = OmegaConf.load(run_dir / "config_resolved.yaml")
     L.seed_everything(int(config.seed), workers=True, verbose=False)
     return model_from_config(config, datamodule).eval()
@@ -83,24 +74,21 @@ def initial_model(run_dir: Path, datamodule: object) -> LRAModel:
 
 def tau_history(run_dir: Path) -> dict[tuple[int, int], list[tuple[int, float]]]:
     """τ per (layer, head) at each validation, from the run's CSV log (empty without one)."""
-    path = run_dir / "csv" / "metrics.csv"
-    if not path.is_file():
+    try:
+        metrics = read_metrics(run_dir)
+    except MissingDataError:
         return {}
-    history: dict[tuple[int, int], list[tuple[int, float]]] = {}
-    with path.open() as handle:
-        for row in csv.DictReader(handle):
-            for column, value in row.items():
-                match = TAU_COLUMN.match(column or "")
-                if match and value not in ("", None):
-                    # Lightning logs validation values at the step before the one they follow.
-                    key = (int(match.group(1)), int(match.group(2)))
-                    history.setdefault(key, []).append((int(row["step"]) + 1, float(value)))
-    return history
+    # Lightning logs validation values at the step before the one they follow.
+    return {
+        (int(match[1]), int(match[2])): [(step + 1, value) for step, value in points]
+        for column, points in metrics.items()
+        if (match := TAU_COLUMN.match(column))
+    }
 
 
 def decay_only_tau(config: object, tau_init: float, steps: int) -> np.ndarray:
     """τ under decoupled weight decay alone: τ_t = τ_0 Π_{s<t}(1 − lr_s·wd), for t = 0..steps."""
-    scheduler = dict(config.scheduler)
+    scheduler = config.scheduler
     multiplier = lr_multiplier(scheduler["name"], scheduler["warmup_steps"], scheduler["total_steps"])
     lr, decay = float(config.optim.lr), float(config.optim.weight_decay)
     factors = [1.0 - lr * multiplier(step) * decay for step in range(steps)]
@@ -109,19 +97,23 @@ def decay_only_tau(config: object, tau_init: float, steps: int) -> np.ndarray:
 
 def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple[Path, Path]:
     """Write ``out``.md and ``out``.png for ``run_dirs``; returns both paths."""
-    plt = pyplot()
-
     if not run_dirs:
         raise ConfigError("lag: pass at least one run directory with --runs")
     lines = [
+        f"Attention-row sharpness on {num_examples} validation examples (real tokens only), per layer "
+        "and head.",
+        "",
         "| run | attention | layer | head | entropy/log N at init | at end | N·max at init | at end |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     tau_lines = [
+        "τ per head (TaylorShift), from the CSV log:",
+        "",
         "| run | layer | head | τ at start | τ at end | τ by weight decay alone |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    figure, (tau_axis, bar_axis) = plt.subplots(1, 2, figsize=(14, 4.5))
+    figure = Figure(figsize=(14, 4.5))
+    tau_axis, bar_axis = figure.subplots(1, 2)
     bars: list[tuple[str, float, float]] = []
     datamodule = None
     for run_dir in run_dirs:
@@ -129,59 +121,38 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
         examples = [example_from(datamodule, "val", index) for index in range(num_examples)]
         end = row_sharpness(loaded.model, examples)
         start = row_sharpness(initial_model(run_dir, datamodule), examples)
-        name = f"{run_dir.name} ({loaded.name})"
         for first, last in zip(start, end, strict=True):
             lines.append(
                 f"| {run_dir.name} | {loaded.name} | {first.layer} | {first.head} | {first.entropy:.3f} | "
                 f"{last.entropy:.3f} | {first.peak:.1f} | {last.peak:.1f} |"
             )
-        for first, last in zip(start, end, strict=True):
             bars.append((f"{loaded.name}\nL{first.layer}h{first.head}", first.peak, last.peak))
         history = tau_history(run_dir)
-        if history:
-            steps = max(step for points in history.values() for step, _ in points)
-            tau_init = float(loaded.config.attention.get("tau_init", 1.0))
-            decayed = decay_only_tau(loaded.config, tau_init, steps)
-            tau_axis.plot(range(steps + 1), decayed, "k--", linewidth=2, label="weight decay alone")
-            for (layer, head), points in sorted(history.items()):
-                xs, ys = zip(*points, strict=True)
-                tau_axis.plot(xs, ys, marker=".", label=f"{name} L{layer} h{head}")
-                cells = (
-                    run_dir.name,
-                    layer,
-                    head,
-                    f"{tau_init:.3f}",
-                    f"{ys[-1]:.3f}",
-                    f"{decayed[xs[-1]]:.3f}",
-                )
-                tau_lines.append("| " + " | ".join(map(str, cells)) + " |")
+        if not history:
+            continue
+        steps = max(step for points in history.values() for step, _ in points)
+        tau_init = float(loaded.config.attention.get("tau_init", 1.0))
+        decayed = decay_only_tau(loaded.config, tau_init, steps)
+        tau_axis.plot(range(steps + 1), decayed, "k--", linewidth=2, label="weight decay alone")
+        for (layer, head), points in sorted(history.items()):
+            xs, ys = zip(*points, strict=True)
+            tau_axis.plot(xs, ys, marker=".", label=f"{run_dir.name} ({loaded.name}) L{layer} h{head}")
+            cells = (run_dir.name, layer, head, f"{tau_init:.3f}", f"{ys[-1]:.3f}", f"{decayed[xs[-1]]:.3f}")
+            tau_lines.append("| " + " | ".join(map(str, cells)) + " |")
     tau_axis.set(xlabel="training step", ylabel="τ", title="TaylorShift temperature per head")
     if tau_axis.lines:
         tau_axis.legend(fontsize=6, ncol=2)
     positions = np.arange(len(bars))
-    bar_axis.bar(positions - 0.2, [b[1] for b in bars], 0.4, label="initialisation")
-    bar_axis.bar(positions + 0.2, [b[2] for b in bars], 0.4, label="end of training")
-    bar_axis.set_xticks(positions, [label for label, _, _ in bars], fontsize=6)
+    bar_axis.bar(positions - 0.2, [bar[1] for bar in bars], 0.4, label="initialisation")
+    bar_axis.bar(positions + 0.2, [bar[2] for bar in bars], 0.4, label="end of training")
+    bar_axis.set_xticks(positions, [bar[0] for bar in bars], fontsize=6)
     bar_axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     bar_axis.set(ylabel="largest weight × N (1 = uniform row)", title="How peaked the rows are, per head")
     bar_axis.legend()
     figure.tight_layout()
     png = save_figure(figure, out.with_suffix(".png"), metadata={"Software": None})
-    report = "\n".join(
-        [
-            f"Attention-row sharpness on {num_examples} validation examples (real tokens only), per layer "
-            "and head.",
-            "",
-            *lines,
-            "",
-            "τ per head (TaylorShift), from the CSV log:",
-            "",
-            *tau_lines,
-            "",
-        ]
-    )
     md = out.with_suffix(".md")
-    atomic_write_text(md, report)
+    atomic_write_text(md, "\n".join([*lines, "", *tau_lines, ""]))
     return md, png
 
 

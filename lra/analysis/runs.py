@@ -1,5 +1,6 @@
-"""What the analyses share: launching ``train.py`` runs as a user would, reading the files a run leaves
-(``csv/metrics.csv``, ``summary.json``), the ``--out`` / ``--runs-dir`` options, and matplotlib."""
+"""Launching ``train.py`` runs as a user would, and reading what a run leaves (``csv/metrics.csv``,
+``summary.json``, ``config_resolved.yaml``, ``checkpoints/last.ckpt``); plus the analyses' shared options.
+Figures are drawn on ``matplotlib.figure.Figure`` directly, without pyplot, so no display is needed."""
 
 from __future__ import annotations
 
@@ -9,14 +10,23 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from lra.errors import MissingDataError, OutputExistsError
+import torch
+from hydra.utils import instantiate
+from matplotlib.figure import Figure
+from omegaconf import OmegaConf
+
+from lra.build import build_model
+from lra.errors import MissingCheckpointError, MissingDataError, OutputExistsError
 from lra.summary import REPO_ROOT
+from models.heads import LRAModel
 
 Series = dict[str, list[tuple[int, float]]]
+Key = TypeVar("Key")
 
 
 def shown(path: Path) -> str:
@@ -27,27 +37,33 @@ def shown(path: Path) -> str:
         return str(path)
 
 
-def check_fresh(run_dirs: Sequence[Path]) -> None:
-    """train.py resumes a run directory that already holds a checkpoint, which would skip the training."""
-    used = [str(path) for path in run_dirs if (path / "checkpoints").exists()]
+def launch(
+    runs: Mapping[Key, Path],
+    overrides: Callable[[Key, Path], list[str]],
+    skip_train: bool = False,
+    fatal: bool = False,
+) -> None:
+    """Train each run with ``python train.py <overrides(key, run_dir)>``, its console in
+    ``run_dir/train.log`` and its exit status in ``run_dir/exit_code``; a failed run raises when ``fatal``.
+    With ``skip_train`` nothing is trained: the runs are already in place."""
+    if skip_train:
+        return
+    # train.py resumes a run directory that holds a checkpoint, which would skip the training.
+    used = [str(run_dir) for run_dir in runs.values() if (run_dir / "checkpoints").exists()]
     if used:
         raise OutputExistsError(
             f"run directories already trained: {used}; report from them with --skip-train, or remove them "
             f"(or pass another --runs-dir) to train again"
         )
-
-
-def train(overrides: Sequence[str], run_dir: Path) -> int:
-    """``python train.py <overrides>`` from the repository root, its console in ``run_dir/train.log``.
-
-    Returns:
-        The exit code (the caller decides whether a failed run is fatal or a row of its report).
-    """
-    command = [sys.executable, str(REPO_ROOT / "train.py"), *overrides]
-    print("$", " ".join(command[1:]), flush=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "train.log", "w") as log:
-        return subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    for key, run_dir in runs.items():
+        command = [sys.executable, str(REPO_ROOT / "train.py"), *overrides(key, run_dir)]
+        print("$", " ".join(command[1:]), flush=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "train.log", "w") as log:
+            code = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        (run_dir / "exit_code").write_text(str(code))
+        if fatal and code:
+            raise RuntimeError(f"training {key} failed (exit {code}); see {run_dir / 'train.log'}")
 
 
 def read_metrics(run_dir: Path) -> Series:
@@ -58,26 +74,69 @@ def read_metrics(run_dir: Path) -> Series:
     series: Series = defaultdict(list)
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            step = int(float(row["step"]))
+            step = int(float(row.pop("step")))
             for key, value in row.items():
-                if key != "step" and value not in ("", None):
+                if value not in ("", None):
                     series[key].append((step, float(value)))
     return dict(series)
 
 
 def grad_series(metrics: Series) -> Series:
     """The ``grad_norm/layer<i>/<input>`` series, keyed ``layer<i>/<input>``."""
-    return {
-        key.removeprefix("grad_norm/"): value
-        for key, value in metrics.items()
-        if key.startswith("grad_norm/")
-    }
+    return {key.removeprefix("grad_norm/"): v for key, v in metrics.items() if key.startswith("grad_norm/")}
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
-    """The run's ``summary.json`` (what train.py wrote at the end, or at the failure), None without one."""
+    """The run's ``summary.json`` (written at the end, or at the failure), None without one."""
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclass
+class LoadedRun:
+    """A trained model rebuilt from its run directory."""
+
+    name: str
+    model: LRAModel
+    config: Any
+    summary: dict[str, Any]
+
+
+def run_files(path: Path) -> tuple[Path, Path, Any]:
+    """The run directory, checkpoint and resolved config of a checkpoint file or of a run directory (whose
+    ``checkpoints/last.ckpt`` is used)."""
+    checkpoint = path if path.is_file() else path / "checkpoints" / "last.ckpt"
+    if not checkpoint.is_file():
+        raise MissingCheckpointError(f"no checkpoint at {path} (looked for {checkpoint}); pass a .ckpt file")
+    run_dir = path if path.is_dir() else path.parent.parent
+    config_path = run_dir / "config_resolved.yaml"
+    if not config_path.is_file():
+        raise MissingCheckpointError(
+            f"{config_path} not found; the checkpoint must sit in a train.py run directory "
+            f"(<run>/checkpoints/*.ckpt next to <run>/config_resolved.yaml)"
+        )
+    return run_dir, checkpoint, OmegaConf.load(config_path)
+
+
+def model_from_config(config: Any, datamodule: Any) -> LRAModel:
+    """The model train.py builds from this resolved config (``config_resolved.yaml``), at the current seed."""
+    return build_model(config.model, instantiate(config.attention), datamodule)
+
+
+def load_run(path: Path, datamodule: Any | None = None) -> tuple[LoadedRun, Any]:
+    """A run's model with its checkpoint's weights, and the data module (``datamodule``, or the run's own,
+    whose vocabulary and length define the model)."""
+    run_dir, checkpoint, config = run_files(path)
+    if datamodule is None:
+        datamodule = instantiate(config.data)
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    model = model_from_config(config, datamodule)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    summary = read_summary(run_dir) or {}
+    name = summary.get("attention") or model.encoder.attentions[0].name
+    return LoadedRun(name, model.eval(), config, summary), datamodule
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, root: Path, runs_dir: str | None = None) -> None:
@@ -94,19 +153,8 @@ def add_output_arguments(parser: argparse.ArgumentParser, root: Path, runs_dir: 
         )
 
 
-def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend (the analyses run on machines without a display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(figure: Any, path: Path, dpi: int = 100, **savefig: Any) -> Path:
-    """Write ``figure`` to ``path`` (parents created) and close it; returns ``path``."""
+def save_figure(figure: Figure, path: Path, dpi: int = 100, **savefig: Any) -> Path:
+    """Write ``figure`` to ``path`` (parents created); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi, **savefig)
-    pyplot().close(figure)
     return path
