@@ -15,17 +15,12 @@ from typing import Any
 
 from data.cache import atomic_write_text
 from lra.bench_rows import METRICS, OperatorTable, device_label, load_rows, setting_text, status_text, usable
-from lra.bench_rows import metric_value as metric_value  # re-exported: lra/analysis/heads.py reads it here
+from lra.registry import published_efficiency_4k
 from lra.summary import REPO_ROOT
 from models.attention.crossover import crossover_n0, crossover_n1
 
 # LRA paper (Tay et al. 2021, arXiv 2011.04006) Table 2, Text, 4K tokens, batch 32 on TPU v3: the cells used
 # here. Speed-up over the Transformer's 1.4 steps/s; peak memory against its 9.48 GB.
-PAPER_4K = {
-    "linformer": {"speedup": 5.5, "memory_gb": 0.99},
-    "performer": {"speedup": 5.7, "memory_gb": 1.06},
-}
-PAPER_4K_SOFTMAX_MEMORY_GB = 9.48
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
@@ -245,12 +240,9 @@ def model_section(rows: list[dict[str, Any]], reference: str | None) -> list[str
     body = []
     for label in dict.fromkeys(r["label"] for r in model_rows):
         attention = next(r for r in model_rows if r["label"] == label)["attention"]
-        paper = PAPER_4K.get(attention) if label == attention else None
+        paper = published_efficiency_4k(attention) if label == attention else None
         cells = [cell(label, n, key) for key in ("steps_per_s", "peak_mb") for n in lengths]
-        if paper:
-            cells += [f"{paper['speedup']:.1f}×", f"{paper['memory_gb'] / PAPER_4K_SOFTMAX_MEMORY_GB:.2f}×"]
-        else:
-            cells += ["", ""]
+        cells += [f"{paper[0]:.1f}×", f"{paper[1]:.2f}×"] if paper else ["", ""]
         body.append([f"`{label}`", *cells])
     header = ["method", *[f"{key} {n:,}" for key in ("steps/s", "peak MB") for n in lengths]]
     lines += md_table([*header, "paper 4K speed-up", "paper 4K memory ratio"], body)

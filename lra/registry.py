@@ -58,6 +58,14 @@ def published_accuracy(attention: str, task: str) -> float | str:
     return "FAIL" if numbers[task] is None else float(numbers[task])
 
 
+def published_efficiency_4k(attention: str) -> tuple[float, float] | None:
+    """LRA Table 3 at 4K tokens: (speed-up, peak memory ÷ the Transformer's), or None if not published."""
+    table = _published()["efficiency_4k"]
+    if (numbers := table["attentions"].get(attention)) is None:
+        return None
+    return numbers["speedup"], numbers["memory_gb"] / table["softmax_memory_gb"]
+
+
 def attention_factory(
     name: str, overrides: Mapping[str, Any] | None = None, attn_dropout: float = 0.0
 ) -> Callable[..., Attention]:
