@@ -3,7 +3,8 @@
     make gpu-check [DRY_RUN=1]      # python -m lra.gpu_check [--dry-run] [--stages pytest,train] [--out DIR]
 
 Stages pytest, operator, model and train, each with a time budget: unused time passes to the next stage,
-and a stage out of time keeps its rows and says so. The operator and model stages run in child processes
+and a stage out of time keeps its rows and says so. Sizes, budgets and variants are in conf/gpu_check/
+(gpu.yaml; dry_run.yaml holds the dry run's differences). The operator and model stages run in child processes
 killed GRACE_S past their deadline, so a hung kernel costs one stage, not the check. Where hydra, omegaconf,
 antlr4 or wandb cannot be imported (the bare GPU image), the wheels carried in ``.whl/`` (fetched with
 ``bash ../shared/tools/device-wheels.sh``) are installed and the check restarts.
@@ -12,7 +13,6 @@ antlr4 or wandb cannot be imported (the bare GPU image), the wheels carried in `
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import subprocess
 import sys
@@ -30,112 +30,15 @@ REQUIRED = ("hydra", "omegaconf", "antlr4", "lightning", "torch")
 # it is killed; the overrun is taken from the later stages.
 GRACE_S = 40.0
 
-# The GPU paths to time, on top of every registered attention as its YAML configures it. The first variant
-# of each attention is the fp32 reference of bench's correctness gate.
-_VARIANTS = {
-    "softmax": [{"backend": "math", "quadratic": True}, {"backend": "cudnn"}, {"backend": "flash"}],
-    "taylorshift": [{"mode": "efficient", "impl": "torch"}, {"mode": "efficient", "impl": "triton"}],
-    "fastmax": [{"impl": "torch"}, {"impl": "triton"}],
-}
-# torch.compile compiles once per shape (bench resets dynamo): its rows run after all the others, the
-# target length first, so a short budget loses compile rows rather than the kernels' rows.
-_COMPILE = {"taylorshift": [{"mode": "efficient", "impl": "torch", "compile": True}]}
 
-GPU: dict[str, Any] = {
-    "name": "gpu",
-    "device": "cuda",
-    "dtype": "bfloat16",
-    "budgets_s": {"pytest": 90, "operator": 140, "model": 100, "train": 120},
-    "calibration": {"matmul_n": 8192, "copy_mb": 1024, "repeats": 20},
-    "operator_level": {
-        "batch": [1],
-        "heads": [8],
-        "head_dim": [64],
-        # The issue's 4k/16k/64k plus 8k, where the FlashAttention-2 target starts.
-        "seq_len": [4096, 8192, 16384, 65536],
-        "causal": [False],
-        "masked": [False],
-        "warmup": 3,
-        "repeats": 20,
-        "max_n_quadratic": 4096,
-        "point_budget_s": 30,
-        "gate_max_n": 4096,
-        "gate_tol": {"float64": 1.0e-8, "float32": 1.0e-3, "bfloat16": 5.0e-2, "float16": 5.0e-2},
-    },
-    "variants": _VARIANTS,
-    "compile_variants": _COMPILE,
-    "compile_seq_len": [16384, 65536, 4096, 8192],
-    "compile_backend": None,
-    "references": ["softmax backend=cudnn", "softmax backend=flash"],
-    "model_level": {
-        # task: overrides of conf/task/<task>.yaml's data.seq_len / data.batch_size (null: the official)
-        "tasks": {"listops": {}, "text": {"seq_len": 4000}, "image": {}, "pathfinder": {}, "pathx": {}},
-        "profile": "official",
-        "precision": "bf16-mixed",
-        "overrides": [],
-        "variants": {},
-        "warmup": 2,
-        "repeats": 10,
-        "point_budget_s": 60,
-    },
-    "train": {
-        "attention": "taylorshift",
-        "profile": "official",
-        "logger": "wandb",  # offline (WANDB_MODE defaults to offline)
-        "steps": 200,
-        "resume_steps": 300,
-        # The official recipe with fewer generated examples (generation is ~2 ms per example).
-        "overrides": ["data.num_train=10000", "data.num_val=500", "data.num_test=500"]
-        + [
-            "trainer.val_check_interval=100",
-            "trainer.log_every_n_steps=10",
-            "trainer.enable_progress_bar=false",
-        ],
-    },
-}
+def load_preset(dry: bool) -> dict[str, Any]:
+    """conf/gpu_check/gpu.yaml, with dry_run.yaml merged over it for the dry run (after ensure_imports)."""
+    from omegaconf import OmegaConf
 
-# The same code paths on a CPU at tiny sizes: fp32, the Triton kernels in Triton's interpreter, torch.compile
-# with the eager backend (Inductor's C++ build would take minutes), a few training steps on the cpu profile.
-_TINY_MODEL = [
-    "model.n_layers=1",
-    "model.d_model=16",
-    "model.qkv_dim=16",
-    "model.mlp_dim=16",
-    "model.num_heads=2",
-]
-DRY: dict[str, Any] = copy.deepcopy(GPU)
-DRY.update(
-    name="dry-run",
-    device="cpu",
-    dtype="float32",
-    # Generous: on a loaded CI machine a dry run must not be cut (tests/test_gpu_check.py tests the cut path).
-    budgets_s={"pytest": 240, "operator": 240, "model": 240, "train": 300},
-    calibration={"matmul_n": 64, "copy_mb": 1, "repeats": 3},
-    compile_seq_len=[32],
-    compile_backend="eager",
-)
-DRY["variants"] = {**_VARIANTS, "linformer": [{"proj_len": 8}]}
-DRY["operator_level"].update(
-    heads=[2], head_dim=[8], seq_len=[16, 32], warmup=1, repeats=2, max_n_quadratic=32, gate_max_n=32
-)
-DRY["model_level"].update(
-    tasks={task: {"seq_len": 32, "batch_size": 2} for task in GPU["model_level"]["tasks"]},
-    profile="cpu",
-    precision="32",
-    overrides=_TINY_MODEL,
-    variants={"linformer": [{"proj_len": 8}]},
-    warmup=1,
-    repeats=2,
-)
-DRY["train"].update(
-    profile="cpu",
-    logger="csv",  # W&B's service start and sync add seconds to each of the two runs
-    steps=6,
-    resume_steps=9,
-    overrides=[*_TINY_MODEL, "data.num_train=64", "data.num_val=16", "data.num_test=16", "data.seq_len=64"]
-    + ["data.min_length=8", "data.max_length=64", "data.batch_size=8", "trainer.val_check_interval=3"]
-    + ["trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false"],
-)
+    names = ["gpu.yaml", "dry_run.yaml"] if dry else ["gpu.yaml"]
+    return OmegaConf.to_container(
+        OmegaConf.merge(*(OmegaConf.load(REPO / "conf" / "gpu_check" / n) for n in names))
+    )
 
 
 def ensure_imports(wheels: Path, argv: list[str]) -> None:
@@ -273,14 +176,13 @@ def folders(dry: bool, label: str, out: str | None, scratch: str | None) -> tupl
     return Path(out) if out else where / label, Path(scratch) if scratch else scratch_default
 
 
-def run_check(args: argparse.Namespace) -> int:
+def run_check(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     import torch
 
     from lra import bench
     from lra.bench_rows import load_rows
     from lra.gpu_check_report import OUTPUT_FILES, write_report
 
-    preset = DRY if args.dry_run else GPU
     device = torch.device(preset["device"])
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device; `python -m lra.gpu_check --dry-run` runs the CPU dry run")
@@ -363,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     ensure_imports(Path(args.wheels), argv)
+    preset = load_preset(args.dry_run)
     if args.stage:
-        child_main(args.stage, DRY if args.dry_run else GPU, Path(args.rows), args.deadline)
+        child_main(args.stage, preset, Path(args.rows), args.deadline)
         return 0
-    return run_check(args)
+    return run_check(args, preset)
 
 
 if __name__ == "__main__":
