@@ -76,6 +76,23 @@ def listops_folder(tmp_path: Path) -> Path:
     return folder
 
 
+def tiny_listops(tmp_path: Path, attention: str, data_dir: Path, *extra: str) -> list[str]:
+    """Overrides for a one-layer, width-16 model on 32-token ListOps from ``data_dir``."""
+    return [
+        "task=listops",
+        f"attention={attention}",
+        f"task.data_dir={data_dir}",
+        "data.seq_len=32",
+        f"paths.data_dir={tmp_path / 'cache'}",
+        "model.n_layers=1",
+        "model.d_model=16",
+        "model.num_heads=2",
+        "model.qkv_dim=16",
+        "model.mlp_dim=16",
+        *extra,
+    ]
+
+
 def saved_run(run_dir: Path, overrides: list[str], seed: int = 0) -> Path:
     """A run directory as train.py lays it out (``config_resolved.yaml``, ``checkpoints/last.ckpt``) whose
     checkpoint holds the model train.py starts from with these overrides: a trained run without training."""

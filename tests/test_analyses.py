@@ -29,7 +29,7 @@ from models.attention.taylorshift import (
 )
 from models.encoder import LRAEncoder
 from models.heads import LRAModel
-from tests.helpers import ATTENTIONS, compose_config, listops_folder, saved_run
+from tests.helpers import ATTENTIONS, compose_config, listops_folder, saved_run, tiny_listops
 
 PANEL_PX = int(PANEL_INCHES * DPI)
 # Constructor overrides that fit the tiny shapes (Linformer's default 256 projected rows exceed them).
@@ -217,21 +217,9 @@ def test_maps_command_from_checkpoints(tmp_path):
     data_dir = listops_folder(tmp_path)
     runs = []
     for name in ("softmax", "linformer"):
-        overrides = [
-            "task=listops",
-            f"attention={name}",
-            f"task.data_dir={data_dir}",
-            "data.seq_len=32",
-            f"paths.data_dir={tmp_path / 'cache'}",
-            "model.n_layers=1",
-            "model.d_model=16",
-            "model.num_heads=2",
-            "model.qkv_dim=16",
-            "model.mlp_dim=16",
-            "attention.proj_len=8",
-        ]
-        if name == "softmax":
-            overrides.remove("attention.proj_len=8")
+        overrides = tiny_listops(
+            tmp_path, name, data_dir, *(["attention.proj_len=8"] if name == "linformer" else [])
+        )
         runs.append(saved_run(tmp_path / name, overrides) / "checkpoints" / "last.ckpt")
     out = compare_checkpoints(runs, tmp_path / "side_by_side.png", heads=[0, 1], max_tokens=12)
     image = matplotlib.image.imread(out)

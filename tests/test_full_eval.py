@@ -10,23 +10,11 @@ import torch
 from lra.analysis.full_eval import evaluate_run, main, split_accuracy
 from lra.analysis.maps import load_run
 from lra.errors import MissingCheckpointError
-from tests.helpers import listops_folder, saved_run
+from tests.helpers import listops_folder, saved_run, tiny_listops
 
 
 def _run(tmp_path):
-    overrides = [
-        "task=listops",
-        "attention=softmax",
-        f"task.data_dir={listops_folder(tmp_path)}",
-        f"paths.data_dir={tmp_path / 'cache'}",
-        "data.seq_len=32",
-        "+data.max_eval_samples=2",
-        "model.n_layers=1",
-        "model.d_model=16",
-        "model.num_heads=2",
-        "model.qkv_dim=16",
-        "model.mlp_dim=16",
-    ]
+    overrides = tiny_listops(tmp_path, "softmax", listops_folder(tmp_path), "+data.max_eval_samples=2")
     return saved_run(tmp_path / "run", overrides)
 
 

@@ -12,27 +12,20 @@ from omegaconf import OmegaConf
 
 from lra.analysis.lag import analyse, decay_only_tau, initial_model, row_sharpness, tau_history
 from lra.analysis.maps import example_from, load_run
-from tests.helpers import listops_folder, saved_run
+from tests.helpers import listops_folder, saved_run, tiny_listops
 
 
 def _saved_run(tmp_path: Path, attention: str, data_dir: Path, seed: int = 3) -> Path:
     """A run directory as train.py lays it out, whose checkpoint holds the weights train.py starts from."""
-    overrides = [
-        "task=listops",
-        f"attention={attention}",
-        f"task.data_dir={data_dir}",
-        "data.seq_len=32",
-        f"paths.data_dir={tmp_path / 'cache'}",
-        "model.n_layers=1",
-        "model.d_model=16",
-        "model.num_heads=2",
-        "model.qkv_dim=16",
-        "model.mlp_dim=16",
+    overrides = tiny_listops(
+        tmp_path,
+        attention,
+        data_dir,
         "optim.weight_decay=0.1",
         "scheduler.name=cosine",
         "scheduler.warmup_steps=2",
         "trainer.max_steps=20",
-    ]
+    )
     return saved_run(tmp_path / attention, overrides, seed)
 
 
