@@ -20,10 +20,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lra.bench_levels import ModelBench, OperatorBench, variants_from_config
-from lra.bench_rows import device_label, problem_text
+from lra.bench_rows import Rows, device_label, load_rows, problem_text
 from lra.errors import ConfigError
 from lra.registry import registered_attentions
-from lra.summary import REPO_ROOT, device_name, git_commit, to_jsonable, versions
+from lra.summary import REPO_ROOT, device_name, git_commit, versions
 from lra.timing import measure
 
 DTYPES = {name: getattr(torch, name) for name in ("float32", "bfloat16", "float16", "float64")}
@@ -115,42 +115,42 @@ def run(cfg: DictConfig) -> Path:
     path, started = out_dir / "rows.jsonl", time.time()
     if bench.get("threads"):
         torch.set_num_threads(int(bench.threads))
+    sink = Rows(path)
+
+    def emit(row: dict[str, Any]) -> None:
+        sink.emit(row)
+        print_row(row)
+
     try:
+        path.write_text("")
         env = environment(device)
-        with path.open("w") as sink:
-
-            def emit(row: dict[str, Any]) -> None:
-                sink.write(json.dumps(to_jsonable(row), sort_keys=True) + "\n")
-                sink.flush()
-                print_row(row)
-
-            emit(
-                {
-                    "kind": "run",
-                    **env,
-                    "label": label,
-                    "preset": bench.name,
-                    "levels": levels,
-                    "dtype": bench.dtype,
-                    "load_avg_start": list(os.getloadavg()),
-                    "notes": list(cfg.notes),
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                    "config": OmegaConf.to_container(bench, resolve=True),
-                    "references": list(bench.references),
-                    "fwd_bwd_flop_factor": OmegaConf.to_container(cfg.fwd_bwd_flop_factor),
-                }
-            )
-            calibration = None
-            if bench.get("calibration"):
-                calibration = {**calibration_row(bench, device, dtype), **env}
-                emit(calibration)
-            if "operator" in levels:
-                for row in OperatorBench(cfg, variants, device, dtype, env, calibration).rows():
-                    emit(row)
-            if "model" in levels:
-                for row in ModelBench(cfg, model_variants, device, env).rows():
-                    emit(row)
-            emit({"kind": "run_end", "load_avg_end": list(os.getloadavg()), "wall_s": time.time() - started})
+        emit(
+            {
+                "kind": "run",
+                **env,
+                "label": label,
+                "preset": bench.name,
+                "levels": levels,
+                "dtype": bench.dtype,
+                "load_avg_start": list(os.getloadavg()),
+                "notes": list(cfg.notes),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "config": OmegaConf.to_container(bench, resolve=True),
+                "references": list(bench.references),
+                "fwd_bwd_flop_factor": OmegaConf.to_container(cfg.fwd_bwd_flop_factor),
+            }
+        )
+        calibration = None
+        if bench.get("calibration"):
+            calibration = {**calibration_row(bench, device, dtype), **env}
+            emit(calibration)
+        if "operator" in levels:
+            for row in OperatorBench(cfg, variants, device, dtype, env, calibration).rows():
+                emit(row)
+        if "model" in levels:
+            for row in ModelBench(cfg, model_variants, device, env).rows():
+                emit(row)
+        emit({"kind": "run_end", "load_avg_end": list(os.getloadavg()), "wall_s": time.time() - started})
     finally:
         torch.set_num_threads(threads)
     write_report(path, out_dir)
@@ -181,7 +181,7 @@ def log_to_wandb(cfg: DictConfig, path: Path, out_dir: Path, label: str) -> None
     os.environ.setdefault("WANDB_MODE", "offline")
     import wandb
 
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = load_rows(path)
     settings = cfg.logger.wandb
     run = wandb.init(
         project=settings.get("project", "lra"),

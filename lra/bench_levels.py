@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cached_property, partial
 from types import SimpleNamespace
 from typing import Any
 
@@ -297,21 +297,18 @@ class ModelBench:
         self.cfg, self.level = cfg, cfg.bench.model_level
         self.variants, self.device, self.env = variants, device, env
         self.sweep = Sweep(device, self.level.point_budget_s, timed_key="step_ms")
-        self._task_cfg: DictConfig | None = None
+
+    @cached_property
+    def _task_cfg(self) -> DictConfig:
+        """conf/config.yaml as train.py would see it for this task and batch size."""
+        from hydra import compose
+
+        level = self.level
+        overrides = [f"task={level.task}", f"profile={level.profile}", f"data.batch_size={level.batch_size}"]
+        return compose(config_name="config", overrides=[*overrides, *level.overrides])
 
     def _compose_task(self, variant: Variant, seq_len: int) -> DictConfig:
-        """conf/config.yaml as train.py would see it for this task, length and batch size (composed once;
-        the attention node is swapped as an ``attention=<name>`` override would)."""
-        if self._task_cfg is None:
-            from hydra import compose
-
-            level = self.level
-            overrides = [
-                f"task={level.task}",
-                f"profile={level.profile}",
-                f"data.batch_size={level.batch_size}",
-            ]
-            self._task_cfg = compose(config_name="config", overrides=[*overrides, *level.overrides])
+        """The task config at this length, its attention node swapped as ``attention=<name>`` would."""
         cfg = self._task_cfg.copy()
         cfg.data.seq_len = seq_len
         cfg.attention = OmegaConf.merge(

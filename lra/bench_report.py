@@ -122,10 +122,6 @@ METHOD_TEXT = """## Method
 """
 
 
-def _grids(table: OperatorTable) -> list[tuple[tuple, int]]:
-    return [(setting, head_dim) for setting in table.settings for head_dim in table.head_dims(setting)]
-
-
 def n_table(
     table: OperatorTable, setting: tuple, head_dim: int, cell: Callable[[dict | None], str]
 ) -> list[str]:
@@ -141,7 +137,7 @@ def n_table(
 
 def operator_sections(table: OperatorTable) -> list[str]:
     lines = ["## Operator level: time and memory against N", ""]
-    for setting, head_dim in _grids(table):
+    for setting, head_dim in table.grids():
         for metric, title in (*METRICS.items(), ("fwd_bwd_gflops", "fwd+bwd achieved GFLOP/s")):
             lines += [f"### {title}: d = {head_dim} ({setting_text(setting)})", ""]
             lines += n_table(table, setting, head_dim, lambda row, metric=metric: _cell(row, metric))
@@ -167,7 +163,7 @@ def taylorshift_section(table: OperatorTable) -> list[str]:
         return lines + ["No pair of TaylorShift rows with mode=direct and mode=efficient in this run.", ""]
     header = "setting|d|efficient variant|faster (fwd)|faster (fwd+bwd)|N0 (theory)|less memory (fwd+bwd)|"
     body = []
-    for setting, head_dim in _grids(table):
+    for setting, head_dim in table.grids():
         n0, n1 = f"{crossover_n0(head_dim):,}", f"{crossover_n1(head_dim):,}"
         for label in efficient:
             fwd, fwd_bwd, memory = table.crossover_texts(setting, head_dim, label, direct[0])
@@ -189,7 +185,7 @@ def softmax_section(table: OperatorTable, references: list[str]) -> list[str]:
             lines += [f"Reference `{reference}` was not measured in this run.", ""]
             continue
         body = []
-        for setting, head_dim in _grids(table):
+        for setting, head_dim in table.grids():
             for label in table.labels:
                 if label != reference:
                     found = table.crossover_texts(setting, head_dim, label, reference)

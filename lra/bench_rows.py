@@ -1,6 +1,6 @@
-"""A benchmark's ``rows.jsonl`` as tables: operator rows indexed by setting, head size, variant and N, with
-the crossovers between variants, and how a row that was not measured is shown. Read by the reports, their
-plots and the head-size analysis."""
+"""A benchmark's ``rows.jsonl``, written and read back as tables: operator rows indexed by setting, head
+size, variant and N, with the crossovers between variants, and how a row that was not measured is shown.
+Read by the reports, their plots and the head-size analysis."""
 
 from __future__ import annotations
 
@@ -8,11 +8,26 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lra.crossover import Crossover, find_crossover
+if TYPE_CHECKING:
+    from lra.crossover import Crossover
 
 METRICS = {"fwd_ms": "forward (ms)", "fwd_bwd_ms": "forward + backward (ms)", "peak_mb": "peak memory (MB)"}
+
+
+class Rows:
+    """Append-only JSONL sink: a row is on disk as soon as it is emitted (the GPU check's parent and stage
+    processes write the same file in turn)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def emit(self, row: dict[str, Any]) -> None:
+        from lra.summary import to_jsonable
+
+        with self.path.open("a") as sink:
+            sink.write(json.dumps(to_jsonable(row), sort_keys=True, default=str) + "\n")
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -80,6 +95,10 @@ class OperatorTable:
     def head_dims(self, setting: tuple) -> list[int]:
         return sorted({d for s, d, _, _ in self.index if s == setting})
 
+    def grids(self) -> list[tuple[tuple, int]]:
+        """Every (setting, head_dim) measured."""
+        return [(setting, head_dim) for setting in self.settings for head_dim in self.head_dims(setting)]
+
     def lengths(self, setting: tuple, head_dim: int) -> list[int]:
         return sorted({n for s, d, _, n in self.index if (s, d) == (setting, head_dim)})
 
@@ -93,6 +112,8 @@ class OperatorTable:
     def crossover(
         self, setting: tuple, head_dim: int, candidate: str, reference: str, metric: str
     ) -> Crossover:
+        from lra.crossover import find_crossover
+
         ns, ours = self.series(setting, head_dim, candidate, metric)
         _, theirs = self.series(setting, head_dim, reference, metric)
         return find_crossover(ns, ours, theirs)

@@ -1,5 +1,5 @@
 """Throughput and peak-memory callbacks, identical for every attention so runs compare directly; the
-clocks and memory counters are ``lra/timing.py``'s, the ones the efficiency benchmark reads."""
+clock and process-memory counters are ``lra/timing.py``'s, shared with the efficiency benchmark."""
 
 from __future__ import annotations
 
@@ -8,16 +8,10 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lra.timing import (
-    peak_allocated,
-    process_peak_rss_gb,
-    process_rss_gb,
-    reset_peak_allocated,
-    reset_process_peak_rss,
-    synchronize,
-)
+from lra.timing import process_peak_rss_gb, process_rss_gb, reset_process_peak_rss, synchronize
 
 
 class ThroughputMonitor(L.Callback):
@@ -104,7 +98,7 @@ class PeakMemoryMonitor(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
-            reset_peak_allocated(pl_module.device)
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
             return
         gc.collect()
         since_train_start = reset_process_peak_rss()
@@ -116,7 +110,7 @@ class PeakMemoryMonitor(L.Callback):
 
     def _measure(self, pl_module: L.LightningModule, log: bool = True) -> None:
         if pl_module.device.type == "cuda":
-            peak = peak_allocated(pl_module.device) / 1024**3
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 1024**3
             self.summary = {"peak_mem_gb": peak, "peak_mem_kind": "cuda_max_allocated"}
         else:
             kind = "process_peak_rss_cumulative"

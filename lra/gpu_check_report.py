@@ -108,11 +108,8 @@ def tflops_section(table: OperatorTable, calibration: dict[str, Any] | None) -> 
         pct = f" ({100 * fb / matmul:.0f}%)" if fb and matmul else ""
         return f"{fmt(fwd and fwd / 1e3)} / {fmt(fb and fb / 1e3)}{pct}" if fwd else ""
 
-    for setting in table.settings:
-        for head_dim in table.head_dims(setting):
-            lines += [f"d = {head_dim}, {setting_text(setting)}:", ""] + n_table(
-                table, setting, head_dim, cell
-            )
+    for setting, head_dim in table.grids():
+        lines += [f"d = {head_dim}, {setting_text(setting)}:", "", *n_table(table, setting, head_dim, cell)]
     return lines
 
 

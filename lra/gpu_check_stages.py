@@ -1,4 +1,4 @@
-"""The GPU check's row sink, bounded subprocesses, and its stages 1 (pytest) and 4 (a real training run);
+"""The GPU check's bounded subprocesses and its stages 1 (pytest) and 4 (a real training run);
 the orchestration and the benchmark stages are in ``lra/gpu_check.py``."""
 
 from __future__ import annotations
@@ -17,20 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lra.bench_rows import Rows
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Rows:
-    """Append-only JSONL sink shared (in turn) by the parent and the stage processes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def emit(self, row: dict[str, Any]) -> None:
-        from lra.summary import to_jsonable
-
-        with self.path.open("a") as sink:
-            sink.write(json.dumps(to_jsonable(row), sort_keys=True, default=str) + "\n")
 
 
 def run_bounded(

@@ -67,17 +67,6 @@ def measure(
     return result, peak_mb, *median_iqr(time_calls(fn, device, repeats))
 
 
-def reset_peak_allocated(device: torch.device) -> int:
-    """Restart the CUDA allocator's peak at what is allocated now and return that (bytes)."""
-    torch.cuda.reset_peak_memory_stats(device)
-    return torch.cuda.memory_allocated(device)
-
-
-def peak_allocated(device: torch.device) -> int:
-    """The CUDA allocator's peak since the last reset (bytes)."""
-    return torch.cuda.max_memory_allocated(device)
-
-
 def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
     """Peak of the tensor bytes allocated by ``fn`` above what was live when it started (inputs excluded).
 
@@ -86,10 +75,11 @@ def peak_memory_mb(fn: Callable[[], Any], device: torch.device) -> float:
     """
     if device.type == "cuda":
         synchronize(device)
-        base = reset_peak_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
         fn()
         synchronize(device)
-        return (peak_allocated(device) - base) / 2**20
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
