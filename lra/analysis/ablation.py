@@ -16,9 +16,9 @@ Writes ``ablation.md`` and ``ablation_training.png`` to ``--out`` (default ``out
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lra.analysis.runs import add_output_arguments, grad_series, launch, read_metrics, save_figure, shown
+from lra.analysis.runs import analysis_parser, grad_series, launch, read_metrics, save_figure, shown
+from lra.bench_report import md_table
 from lra.errors import MissingDataError, run_cli
 from lra.registry import attention_factory
 from lra.summary import REPO_ROOT, device_name
@@ -157,8 +158,7 @@ def _cell(row: dict[str, Any], prefix: str) -> str:
 def operator_table(rows: list[dict[str, Any]]) -> str:
     """One line per (scheme, dtype, implementation), one column per (N, s): ok or what failed."""
     columns = list(dict.fromkeys((row["seq_len"], row["scale"]) for row in rows))
-    header = "| scheme | dtype | states | " + " | ".join(f"N={n}, s={s:g}" for n, s in columns) + " |"
-    lines = [header, "|---|---|---|" + "---|" * len(columns)]
+    body = []
     for scheme in SCHEMES:
         for dtype in DTYPES:
             chosen = {
@@ -166,13 +166,14 @@ def operator_table(rows: list[dict[str, Any]]) -> str:
             }
             for prefix, what in (("emulated", "in dtype"), ("module", "fp32 (module)")):
                 if chosen and f"{prefix}_nonfinite" in next(iter(chosen.values())):
-                    cells = [_cell(chosen[column], prefix) for column in columns]
-                    lines.append(f"| {scheme} | {dtype} | {what} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+                    body.append([scheme, dtype, what, *(_cell(chosen[column], prefix) for column in columns)])
+    header = ["scheme", "dtype", "states", *(f"N={n}, s={s:g}" for n, s in columns)]
+    return "\n".join(md_table(header, body))
 
 
-def train_overrides(label: str, precision: str, run_dir: Path, steps: int, seq_len: int) -> list[str]:
-    """The train.py command line of one ablation run."""
+def train_overrides(key: tuple[str, str], run_dir: Path, steps: int, seq_len: int) -> list[str]:
+    """The train.py command line of the ablation run of ``key``: (label, precision)."""
+    label, precision = key
     attention, overrides = ABLATED[label]
     words = [
         f"task=listops attention={attention}",
@@ -208,23 +209,19 @@ def run_record(run_dir: Path) -> dict[str, Any]:
 
 
 def training_table(runs: dict[tuple[str, str], Path]) -> str:
-    lines = [
-        "| variant | precision | exit | steps logged | non-finite loss | first / last loss | max ‖dL/dq,k‖ "
-        "(finite) | non-finite grad steps |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    header = "variant|precision|exit|steps logged|non-finite loss|first / last loss|max ‖dL/dq,k‖ (finite)|"
+    body = []
     for (label, precision), run_dir in runs.items():
         record = run_record(run_dir)
         losses = [value for _, value in record["loss"]]
-        nonfinite = sum(not math.isfinite(value) for value in losses)
         grads = [value for _, value in record["grad_max"]]
         finite_grads = [value for value in grads if math.isfinite(value)]
         first_last = f"{losses[0]:.3g} / {losses[-1]:.3g}" if losses else "n/a"
-        lines.append(
-            f"| {label} | {precision} | {record['exit_code']} | {len(losses)} | {nonfinite} | {first_last} | "
-            f"{max(finite_grads, default=math.nan):.3g} | {len(grads) - len(finite_grads)} |"
-        )
-    return "\n".join(lines)
+        nonfinite = sum(not math.isfinite(value) for value in losses)
+        cells = (label, precision, record["exit_code"], len(losses), nonfinite, first_last)
+        cells += (f"{max(finite_grads, default=math.nan):.3g}", len(grads) - len(finite_grads))
+        body.append(list(map(str, cells)))
+    return "\n".join(md_table((header + "non-finite grad steps").split("|"), body))
 
 
 def plot_training(runs: dict[tuple[str, str], Path], path: Path) -> Path:
@@ -252,19 +249,12 @@ def plot_training(runs: dict[tuple[str, str], Path], path: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m lra.analysis.ablation", description=__doc__.split("\n")[0]
-    )
+    parser = analysis_parser("ablation", __doc__, REPO_ROOT, "operator part only, small shapes", "ablation")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=2000)
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    add_output_arguments(parser, REPO_ROOT, runs_dir="ablation")
-    parser.add_argument("--smoke", action="store_true", help="operator part only, small shapes")
     args = parser.parse_args(argv)
-
-    def overrides(key: tuple[str, str], run_dir: Path) -> list[str]:
-        return train_overrides(*key, run_dir, args.steps, args.seq_len)
-
+    overrides = partial(train_overrides, steps=args.steps, seq_len=args.seq_len)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = operator_rows(**({"seq_lens": (256,), "scales": (1.0, 16.0)} if args.smoke else {}))
     sections = [
@@ -279,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "Module: the registered attention on inputs in the dtype (states in fp32, spec 1).",
         "ok (max relative error) = every row finite, non-zero and within 5% of the float64 result.",
         "",
-        operator_table(rows),
+        operator_table(rows),  # a table ends with its own newline
     ]
     if not args.smoke:
         runs = {(label, p): args.runs_dir / f"{label}-{p}" for p in args.precisions for label in ABLATED}
@@ -287,14 +277,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         plot_training(runs, args.out / "ablation_training.png")
         example = " ".join(overrides(("taylorshift-off", "fp16"), args.runs_dir / "taylorshift-off-fp16"))
         sections += [
-            "",
             f"## Training: ListOps at {args.seq_len} tokens, {args.steps} steps, lr 1e-3 constant, batch 4",
             "",
             f"Example run: `python train.py {example}`; figure `ablation_training.png`.",
             "",
             training_table(runs),
         ]
-    (args.out / "ablation.md").write_text("\n".join(sections) + "\n")
+    (args.out / "ablation.md").write_text("\n".join(sections))
     print(f"wrote {args.out / 'ablation.md'}")
 
 

@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 
 from data.cache import atomic_write_text
 from lra.analysis.runs import load_run, run_files, shown
+from lra.bench_report import md_table
 from lra.errors import run_cli
 from lra.module import model_inputs
 
@@ -59,13 +60,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     rows = [evaluate_run(path) for path in args.runs]
-    print("| run | task | attention | seed | val % (run) | val % (whole) | test % (run) | test % (whole) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for row in rows:
-        columns = ("val_acc_subsample", "val_acc", "test_acc_subsample", "test_acc")
-        cells = [row["run"], row["task"], row["attention"], row["seed"]]
-        cells += ["—" if row[key] is None else f"{100 * row[key]:.2f}" for key in columns]
-        print("| " + " | ".join(map(str, cells)) + " |")
+    columns = ("val_acc_subsample", "val_acc", "test_acc_subsample", "test_acc")
+    body = [
+        [row["run"], row["task"], row["attention"], str(row["seed"])]
+        + ["—" if row[key] is None else f"{100 * row[key]:.2f}" for key in columns]
+        for row in rows
+    ]
+    header = ["run", "task", "attention", "seed", "val % (run)", "val % (whole)", "test % (run)"]
+    print("\n".join(md_table([*header, "test % (whole)"], body)), end="")
     if args.out:
         atomic_write_text(args.out, json.dumps(rows, indent=2) + "\n")
 

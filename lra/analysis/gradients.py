@@ -15,10 +15,10 @@
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ import torch
 from matplotlib.figure import Figure
 
 from lra.analysis.runs import (
-    add_output_arguments,
+    analysis_parser,
     grad_series,
     launch,
     read_metrics,
@@ -34,6 +34,7 @@ from lra.analysis.runs import (
     save_figure,
     shown,
 )
+from lra.bench_report import md_table
 from lra.errors import run_cli
 from lra.registry import attention_factory, registered_attentions
 from lra.summary import REPO_ROOT, device_name
@@ -63,10 +64,7 @@ def train_overrides(attention: str, run_dir: Path, steps: int, every: int, seq_l
 
 def training_table(runs: dict[str, Path]) -> str:
     """Markdown: per attention, layer and input, the gradient norm's median, min, max, max/min, last value."""
-    lines = [
-        "| attention | layer/input | median | min | max | max/min | last | steps logged |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    body = []
     for attention, run_dir in runs.items():
         for key, points in sorted(grad_series(read_metrics(run_dir)).items()):
             values = [value for _, value in points]
@@ -75,9 +73,11 @@ def training_table(runs: dict[str, Path]) -> str:
             median, low, high = statistics.median_high(finite), finite[0], finite[-1]
             ratio = high / low if low > 0 else math.inf
             logged = f"{len(values)} ({bad} non-finite)" if bad else str(len(values))
-            cells = [attention, key, *(f"{x:.3g}" for x in (median, low, high, ratio, values[-1])), logged]
-            lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            body.append(
+                [attention, key, *(f"{x:.3g}" for x in (median, low, high, ratio, values[-1])), logged]
+            )
+    header = ["attention", "layer/input", "median", "min", "max", "max/min", "last", "steps logged"]
+    return "\n".join(md_table(header, body))
 
 
 def accuracy_lines(runs: dict[str, Path]) -> list[str]:
@@ -167,35 +167,25 @@ def plot_scale_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def scale_table(rows: list[dict[str, Any]]) -> str:
     scales = sorted({row["scale"] for row in rows})
-    lines = [
-        "| attention | input | " + " | ".join(f"s={s:g}" for s in scales) + " |",
-        "|---|---|" + "---|" * len(scales),
-    ]
+    body = []
     for label in dict.fromkeys(row["attention"] for row in rows):
         for name in "qk":
             values = {row["scale"]: row[name] for row in rows if row["attention"] == label}
-            lines.append(f"| {label} | {name} | " + " | ".join(f"{values[s]:.3g}" for s in scales) + " |")
-    return "\n".join(lines)
+            body.append([label, name, *(f"{values[s]:.3g}" for s in scales)])
+    return "\n".join(md_table(["attention", "input", *(f"s={s:g}" for s in scales)], body))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m lra.analysis.gradients", description=__doc__.split("\n")[0]
-    )
+    parser = analysis_parser("gradients", __doc__, REPO_ROOT, "operator sweep only, tiny shapes", "gradients")
     parser.add_argument(
         "--attentions", nargs="+", default=None, help="attentions to train (default: every registered one)"
     )
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=10, help="log gradient norms every this many steps")
     parser.add_argument("--seq-len", type=int, default=256, help="ListOps length (CPU profile: 100..seq_len)")
-    add_output_arguments(parser, REPO_ROOT, runs_dir="gradients")
-    parser.add_argument("--smoke", action="store_true", help="operator sweep only, tiny shapes")
     args = parser.parse_args(argv)
     attentions = registered_attentions(args.attentions)
-
-    def overrides(attention: str, run_dir: Path) -> list[str]:
-        return train_overrides(attention, run_dir, args.steps, args.every, args.seq_len)
-
+    overrides = partial(train_overrides, steps=args.steps, every=args.every, seq_len=args.seq_len)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = operator_scale_sweep(**({"seq_len": 16, "head_dim": 4, "heads": 2} if args.smoke else {}))
     plot_scale_sweep(rows, args.out / "gradients_vs_scale.png")
@@ -209,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "`python -m lra.analysis.gradients` (the operator part needs no training); figure "
         "`gradients_vs_scale.png`.",
         "",
-        scale_table(rows),
+        scale_table(rows),  # a table ends with its own newline
     ]
     if not args.smoke:
         runs = {name: args.runs_dir / name for name in attentions}
@@ -217,7 +207,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         plot_training(runs, args.out / "gradients_listops.png")
         example = " ".join(overrides("<attention>", args.runs_dir / "<attention>"))
         sections += [
-            "",
             "## Training: per-layer gradient norms at the attention inputs, ListOps (CPU profile)",
             "",
             f"Each run: `python train.py {example}`; figure `gradients_listops.png`.",
@@ -226,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
             training_table(runs),
         ]
-    (args.out / "gradients.md").write_text("\n".join(sections) + "\n")
+    (args.out / "gradients.md").write_text("\n".join(sections))
     print(f"wrote {args.out / 'gradients.md'}")
 
 

@@ -26,9 +26,10 @@ from typing import Any
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from lra.analysis.runs import add_output_arguments, save_figure
+from lra.analysis.runs import analysis_parser, save_figure
 from lra.bench import DTYPES, calibration_row, environment, select_device, shared_bench_config
 from lra.bench_levels import OperatorBench, variants_from_config
+from lra.bench_report import md_table
 from lra.bench_rows import METRICS, OperatorTable, metric_value
 from lra.errors import ConfigError, MissingDataError, run_cli
 from lra.registry import registered_attentions
@@ -89,41 +90,31 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def _pairs(table: OperatorTable) -> list[tuple[tuple, int]]:
-    return [(setting, head_dim) for setting in table.settings for head_dim in table.head_dims(setting)]
-
-
 def crossover_table(table: OperatorTable) -> list[str]:
     """Per head size: TaylorShift efficient against direct (measured) beside N0 / N1, and against softmax."""
-    lines = [
-        "| h | d | faster than direct (fwd) | (fwd+bwd) | N0 = d²+d+1 | less memory than direct (fwd+bwd) | "
-        "N1 | faster than softmax SDPA (fwd+bwd) | faster than softmax math (fwd+bwd) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for setting, d in _pairs(table):
+    header = "h|d|faster than direct (fwd)|(fwd+bwd)|N0 = d²+d+1|less memory than direct (fwd+bwd)|N1|"
+    header += "faster than softmax SDPA (fwd+bwd)|faster than softmax math (fwd+bwd)"
+    body = []
+    for setting, d in table.grids():
         fwd, fwd_bwd, memory = table.crossover_texts(setting, d, EFFICIENT, DIRECT)
         softmax = [
             table.crossover(setting, d, EFFICIENT, f"softmax backend={backend}", "fwd_bwd_ms").text()
             for backend in ("auto", "math")
         ]
         n0, n1 = f"{crossover_n0(d):,}", f"{crossover_n1(d):,}"
-        cells = [setting[2], d, fwd, fwd_bwd, n0, memory, n1, *softmax]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return lines
+        body.append([str(setting[2]), str(d), fwd, fwd_bwd, n0, memory, n1, *softmax])
+    return md_table(header.split("|"), body)
 
 
 def at_length_table(table: OperatorTable, n: int, metric: str) -> list[str]:
     """Every variant's ``metric`` at one N, one column per head count (fixed width)."""
-    pairs = _pairs(table)
-    lines = [
-        "| variant | " + " | ".join(f"h={s[2]}, d={d}" for s, d in pairs) + " |",
-        "|---|" + "---|" * len(pairs),
-    ]
+    pairs = table.grids()
+    body = []
     for label in table.labels:
         values = [metric_value(table.get(s, d, label, n), metric) for s, d in pairs]
         cells = ["—" if v is None else "OOM" if v == math.inf else f"{v:.3g}" for v in values]
-        lines.append(f"| `{label}` | " + " | ".join(cells) + " |")
-    return lines
+        body.append([f"`{label}`", *cells])
+    return md_table(["variant", *(f"h={s[2]}, d={d}" for s, d in pairs)], body)
 
 
 def _plot_measured(axis: Any, xs: Sequence, ys: Sequence, *style: str, **kwargs: Any) -> None:
@@ -136,7 +127,7 @@ def _plot_measured(axis: Any, xs: Sequence, ys: Sequence, *style: str, **kwargs:
 def plot(table: OperatorTable, path: Path, width: int) -> Path:
     figure = Figure(figsize=(16, 4.5), layout="constrained")
     axes = figure.subplots(1, 3)
-    pairs = _pairs(table)
+    pairs = table.grids()
     for index, (setting, d) in enumerate(pairs):
         for label, style in ((EFFICIENT, "-"), (DIRECT, "--")):
             for axis, metric in zip(axes[:2], ("fwd_bwd_ms", "peak_mb"), strict=True):
@@ -194,15 +185,12 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
         "`≤ n` = already at the smallest N, `> n` = not within the grid.",
         "",
         *crossover_table(table),
-        "",
         f"## Forward + backward time (ms) at N = {longest:,}",
         "",
         *at_length_table(table, longest, "fwd_bwd_ms"),
-        "",
         f"## Peak memory (MB, forward + backward) at N = {longest:,}",
         "",
         *at_length_table(table, longest, "peak_mb"),
-        "",
     ]
     if problems:
         lines += ["## Failed points", ""] + [
@@ -216,7 +204,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
 
 
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m lra.analysis.heads", description=__doc__.split("\n")[0])
+    parser = analysis_parser("heads", __doc__, REPO_ROOT, "tiny shapes: width 16, h ∈ {2, 4}, N ≤ 64")
     parser.add_argument("--width", type=int, default=128, help="D = h·d, fixed")
     parser.add_argument("--heads", type=int, nargs="+", default=[2, 4, 8, 16])
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
@@ -228,8 +216,6 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         "--point-budget-s", type=float, default=120.0, help="skip longer points predicted slower"
     )
     parser.add_argument("--label", default="cpu")
-    add_output_arguments(parser, REPO_ROOT)
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes: width 16, h ∈ {2, 4}, N ≤ 64")
     parser.add_argument("--report-only", action="store_true", help="rewrite the report from the JSONL")
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])

@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from data.cache import atomic_write_text
 from lra.analysis.maps import example_from, example_maps
 from lra.analysis.runs import load_run, model_from_config, read_metrics, save_figure
+from lra.bench_report import md_table
 from lra.errors import ConfigError, MissingDataError, run_cli
 from lra.schedules import lr_multiplier
 from models.heads import LRAModel
@@ -99,19 +100,7 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
     """Write ``out``.md and ``out``.png for ``run_dirs``; returns both paths."""
     if not run_dirs:
         raise ConfigError("lag: pass at least one run directory with --runs")
-    lines = [
-        f"Attention-row sharpness on {num_examples} validation examples (real tokens only), per layer "
-        "and head.",
-        "",
-        "| run | attention | layer | head | entropy/log N at init | at end | N·max at init | at end |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    tau_lines = [
-        "τ per head (TaylorShift), from the CSV log:",
-        "",
-        "| run | layer | head | τ at start | τ at end | τ by weight decay alone |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
+    rows, tau_rows = [], []
     figure = Figure(figsize=(14, 4.5))
     tau_axis, bar_axis = figure.subplots(1, 2)
     bars: list[tuple[str, float, float]] = []
@@ -122,10 +111,8 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
         end = row_sharpness(loaded.model, examples)
         start = row_sharpness(initial_model(run_dir, datamodule), examples)
         for first, last in zip(start, end, strict=True):
-            lines.append(
-                f"| {run_dir.name} | {loaded.name} | {first.layer} | {first.head} | {first.entropy:.3f} | "
-                f"{last.entropy:.3f} | {first.peak:.1f} | {last.peak:.1f} |"
-            )
+            cells = (run_dir.name, loaded.name, first.layer, first.head, f"{first.entropy:.3f}")
+            rows.append([*map(str, cells), f"{last.entropy:.3f}", f"{first.peak:.1f}", f"{last.peak:.1f}"])
             bars.append((f"{loaded.name}\nL{first.layer}h{first.head}", first.peak, last.peak))
         history = tau_history(run_dir)
         if not history:
@@ -138,7 +125,7 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
             xs, ys = zip(*points, strict=True)
             tau_axis.plot(xs, ys, marker=".", label=f"{run_dir.name} ({loaded.name}) L{layer} h{head}")
             cells = (run_dir.name, layer, head, f"{tau_init:.3f}", f"{ys[-1]:.3f}", f"{decayed[xs[-1]]:.3f}")
-            tau_lines.append("| " + " | ".join(map(str, cells)) + " |")
+            tau_rows.append(list(map(str, cells)))
     tau_axis.set(xlabel="training step", ylabel="τ", title="TaylorShift temperature per head")
     if tau_axis.lines:
         tau_axis.legend(fontsize=6, ncol=2)
@@ -152,7 +139,18 @@ def analyse(run_dirs: Sequence[Path], out: Path, num_examples: int = 8) -> tuple
     figure.tight_layout()
     png = save_figure(figure, out.with_suffix(".png"), metadata={"Software": None})
     md = out.with_suffix(".md")
-    atomic_write_text(md, "\n".join([*lines, "", *tau_lines, ""]))
+    header = ["run", "attention", "layer", "head", "entropy/log N at init", "at end", "N·max at init"]
+    tau_header = ["run", "layer", "head", "τ at start", "τ at end", "τ by weight decay alone"]
+    lines = [
+        f"Attention-row sharpness on {num_examples} validation examples (real tokens only), per layer "
+        "and head.",
+        "",
+        *md_table([*header, "at end"], rows),
+        "τ per head (TaylorShift), from the CSV log:",
+        "",
+        *md_table(tau_header, tau_rows),
+    ]
+    atomic_write_text(md, "\n".join(lines))
     return md, png
 
 

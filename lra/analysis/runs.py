@@ -139,18 +139,23 @@ def load_run(path: Path, datamodule: Any | None = None) -> tuple[LoadedRun, Any]
     return LoadedRun(name, model.eval(), config, summary), datamodule
 
 
-def add_output_arguments(parser: argparse.ArgumentParser, root: Path, runs_dir: str | None = None) -> None:
-    """``--out`` under ``root/outputs/analyses`` and, for an analysis that trains, ``--runs-dir`` and
-    ``--skip-train``. ``root`` is the caller's ``REPO_ROOT``, which a test may point elsewhere."""
+def analysis_parser(
+    name: str, doc: str, root: Path, smoke: str, runs_dir: str | None = None
+) -> argparse.ArgumentParser:
+    """The parser of ``python -m lra.analysis.<name>`` with the options the measuring analyses share:
+    ``--out`` under ``root/outputs/analyses`` (``root`` is the caller's REPO_ROOT, which a test may move),
+    ``--smoke`` and, for an analysis that trains, ``--runs-dir`` and ``--skip-train``."""
+    parser = argparse.ArgumentParser(prog=f"python -m lra.analysis.{name}", description=doc.split("\n")[0])
     # Scratch output by default: the committed results/analyses/ is rewritten only when named with --out.
-    parser.add_argument(
-        "--out", type=Path, default=root / "outputs" / "analyses", help="default: outputs/analyses"
-    )
+    out = root / "outputs" / "analyses"
+    parser.add_argument("--out", type=Path, default=out, help="default: outputs/analyses")
+    parser.add_argument("--smoke", action="store_true", help=smoke)
     if runs_dir is not None:
-        parser.add_argument("--runs-dir", type=Path, default=root / "outputs" / "analyses" / runs_dir)
+        parser.add_argument("--runs-dir", type=Path, default=out / runs_dir)
         parser.add_argument(
             "--skip-train", action="store_true", help="report from the runs already in --runs-dir"
         )
+    return parser
 
 
 def save_figure(figure: Figure, path: Path, dpi: int = 100, **savefig: Any) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from data.cache import atomic_write_text
 from lra.results.cells import LRA_TASKS, MISSING, Report, aggregate
+from lra.results.compare import render_comparison
 from lra.results.curves import write_figures
 from lra.results.render import LRA_MD_HEADER, render_csv, render_json, render_markdown, render_readme
 from lra.results.runs import (
@@ -26,7 +27,6 @@ from lra.results.runs import (
     display_path,
     load_local_runs,
     load_wandb_runs,
-    read_summaries,
     recipe_variant,
     run_from_summary,
 )
@@ -34,7 +34,6 @@ from lra.summary import REPO_ROOT
 
 __all__ = ["LRA_MD_HEADER", "LRA_TASKS", "MISSING", "Report", "aggregate", "collect_runs", "load_local_runs"]
 __all__ += ["main", "recipe_variant", "render_csv", "render_markdown", "run_from_summary"]
-DEFAULT_RUN_ROOTS = ("results/runs",)  # so scratch runs never leak into the published table
 
 
 def write_outputs(report: Report, out_dir: Path) -> list[Path]:
@@ -54,6 +53,7 @@ def write_outputs(report: Report, out_dir: Path) -> list[Path]:
 
 
 def main(argv: Sequence[str] | None = None) -> Report:
+    committed = REPO_ROOT / "results" / "runs"  # the only runs read by default: scratch runs never leak in
     parser = argparse.ArgumentParser(prog="python -m lra.results", description=__doc__.split("\n\n")[0])
     add = parser.add_argument
     add("--runs", nargs="+", type=Path, help="folders searched for summary.json (default: results/runs)")
@@ -75,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> Report:
         default=[],
         help="sweep/run folders first copied into --collect-into",
     )
-    add("--collect-into", type=Path, default=REPO_ROOT / "results" / "runs", help="default: results/runs/")
+    add("--collect-into", type=Path, default=committed, help="default: results/runs/")
     args = parser.parse_args(argv)
     if args.compare and (args.collect or args.out or args.wandb_project):
         parser.error("--compare only prints: it takes --runs, not --collect, --out or --wandb-project")
@@ -83,26 +83,20 @@ def main(argv: Sequence[str] | None = None) -> Report:
     for folder in args.collect:
         copied = collect_runs(folder, args.collect_into)
         print(f"copied {len(copied)} summaries from {folder} to {display_path(args.collect_into)}")
-    committed = [REPO_ROOT / root for root in DEFAULT_RUN_ROOTS]
-    roots = args.runs or [root for root in committed if root.is_dir()]
+    roots = args.runs or ([committed] if committed.is_dir() else [])
     missing = [root for root in roots if not root.is_dir()]
     if missing:
         parser.error("no such folder: " + ", ".join(map(str, missing)))
-    if args.compare:
-        from lra.results.compare import render_comparison
-
-        pairs, problems = read_summaries(
-            roots, lambda path, summary: (run_from_summary(summary, display_path(path)), summary)
-        )
-        print(render_comparison(pairs) + "".join(f"problem: {problem}\n" for problem in problems), end="")
-        return aggregate([run for run, _ in pairs], problems=problems, roots=[display_path(r) for r in roots])
     runs, problems = load_local_runs(roots)
     if args.wandb_project:
         wandb_runs, wandb_problems = load_wandb_runs(args.wandb_project)
         runs += wandb_runs
         problems += wandb_problems
     report = aggregate(runs, problems=problems, roots=[display_path(root) for root in roots])
-    only_committed = {root.resolve() for root in roots} == {root.resolve() for root in committed}
+    if args.compare:
+        print(render_comparison(runs) + "".join(f"problem: {problem}\n" for problem in problems), end="")
+        return report
+    only_committed = {root.resolve() for root in roots} == {committed.resolve()}
     default_out = "results" if only_committed and not args.wandb_project else "outputs/results"
     written = write_outputs(report, args.out or REPO_ROOT / default_out)
     completed = sum(run.completed for run in report.runs)

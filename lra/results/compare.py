@@ -6,6 +6,7 @@ majority-class rates, so a small comparison says whether either attention learne
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from typing import Any
 
@@ -75,12 +76,16 @@ def _verdicts(block: pd.DataFrame, majority: float | None) -> list[str]:
 HEADER = ("attention", "seeds", "config", "test acc %", "best val acc %", "steps/s", "wall s", "peak mem GB")
 
 
-def render_comparison(runs: list[tuple[Run, dict[str, Any]]]) -> str:
-    """One block per (task, recipe, device) of (run, summary) pairs."""
+def render_comparison(runs: list[Run]) -> str:
+    """One block per (task, recipe, device) of local runs (each with its summary.json in ``run.folder``)."""
     if not runs:
         return "No summary.json found.\n"
     frame = pd.DataFrame(
-        [asdict(run) | {"completed": run.completed, "summary": summary} for run, summary in runs]
+        [
+            asdict(run)
+            | {"completed": run.completed, "summary": json.loads((run.folder / "summary.json").read_text())}
+            for run in runs
+        ]
     )
     task_rank = {task: index for index, task in enumerate(LRA_TASKS)}
     blocks = sorted(

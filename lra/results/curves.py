@@ -101,13 +101,12 @@ def plot_task(
 ) -> None:
     """Mean val accuracy over seeds per attention with a min-max band, against step and against time.
     ``majority`` (of the scored validation examples) None draws the approximate official rate."""
-    import matplotlib
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), dpi=100, sharey=True)
-    colours = plt.get_cmap("tab10").colors
+    figure = Figure(figsize=(11, 4), dpi=100)
+    by_step, by_time = figure.subplots(1, 2, sharey=True)
+    colours = colormaps["tab10"].colors
     for attention, runs in curves.items():
         seeds = pd.concat(runs, keys=range(len(runs)), names=["seed"]).reset_index(level=0)
         stats = seeds.groupby("step").agg(
@@ -141,7 +140,6 @@ def plot_task(
     path.parent.mkdir(parents=True, exist_ok=True)
     # No "Software" entry: the PNG bytes then depend only on the data and the matplotlib version.
     figure.savefig(path, format="png", metadata={"Software": None})
-    plt.close(figure)
 
 
 def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:

@@ -9,11 +9,11 @@ import re
 import shutil
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
@@ -30,7 +30,6 @@ NOT_RECIPE_KEYS = {
 }
 # Never written out: a clone resets file times and paths.
 UNPUBLISHED_FIELDS = ("timestamp", "val_majority", "folder")
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -175,26 +174,17 @@ def finished_at(summary: dict[str, Any], path: Path) -> float:
         return path.stat().st_mtime
 
 
-def read_summaries(
-    roots: Sequence[Path], convert: Callable[[Path, dict[str, Any]], T]
-) -> tuple[list[T], list[str]]:
-    """``convert(path, summary)`` of every ``summary.json`` under ``roots``; unreadable ones as problems."""
-    converted, problems = [], []
+def load_local_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
+    """A Run per ``summary.json`` under ``roots``; unreadable ones as problems."""
+    runs, problems = [], []
     for path in (path for root in roots for path in sorted(root.rglob("summary.json"))):
         try:
-            converted.append(convert(path, json.loads(path.read_text())))
+            summary = json.loads(path.read_text())
+            stamp, overrides = finished_at(summary, path), _read_overrides(path)
+            runs.append(run_from_summary(summary, display_path(path), stamp, overrides, path.parent))
         except (OSError, ValueError, KeyError, TypeError) as error:
             problems.append(f"{display_path(path)}: unreadable summary ({type(error).__name__}: {error})")
-    return converted, problems
-
-
-def load_local_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
-    return read_summaries(
-        roots,
-        lambda path, summary: run_from_summary(
-            summary, display_path(path), finished_at(summary, path), _read_overrides(path), path.parent
-        ),
-    )
+    return runs, problems
 
 
 def run_from_wandb(run: Any) -> Run:
@@ -285,7 +275,7 @@ def collect_runs(sweep_dir: Path, runs_dir: Path) -> list[Path]:
                 continue
             old_summary = json.loads(existing.read_text())
             old = run_from_summary(old_summary, timestamp=finished_at(old_summary, existing))
-            if (old.completed, old.timestamp) > (run.completed, run.timestamp):
+            if _preference(old) > _preference(run):
                 continue
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, existing)  # copy2 keeps the mtime, which decides between duplicates later
