@@ -44,16 +44,16 @@ def missing_data_error(task: str, path: Path, expected: str, how_to_get: str) ->
 
 
 def map_in_processes(
-    function: Callable[[Any], Any], jobs: Sequence[Any], workers: int | None
+    function: Callable[[Any], Any], jobs: Sequence[Any], workers: int | None, chunksize: int = 1
 ) -> Iterator[Any]:
     """``function`` over ``jobs``, results in job order, in ``workers`` forked processes (None or 0: every
-    core; never more than there are jobs); with one process the jobs run here."""
-    processes = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    core; never more than there are chunks of ``chunksize`` jobs); with one process the jobs run here."""
+    processes = max(1, min(workers or os.cpu_count() or 1, -(-len(jobs) // chunksize)))
     if processes == 1:
         yield from map(function, jobs)
         return
     with multiprocessing.get_context("fork").Pool(processes) as pool:
-        yield from pool.imap(function, jobs)
+        yield from pool.imap(function, jobs, chunksize)
 
 
 class ArrayDataset(Dataset):
@@ -153,8 +153,7 @@ class ResumableDataLoader(DataLoader):
         if resume and resume["epoch"] == self.pass_epoch and 0 < resume["batches_served"] < len(self):
             # Skipped batches are still loaded (cheap from memory-mapped arrays): no private DataLoader API,
             # and the same with workers and with DDP's sampler wrapper.
-            for _ in islice(batches, resume["batches_served"]):
-                self.batches_served += 1
+            self.batches_served = sum(1 for _ in islice(batches, resume["batches_served"]))
         for batch in batches:
             self.batches_served += 1
             yield batch

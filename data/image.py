@@ -48,23 +48,19 @@ def rgb_to_gray(rgb: np.ndarray) -> np.ndarray:
     return (gray * np.float32(255.5)).astype(np.uint8)
 
 
-def _decode_images(job: tuple[Sequence[bytes], Sequence[str]]) -> np.ndarray:
-    """Image files (JPEG/PNG bytes) to ``[N, 32, 32, 3]`` uint8 RGB; the names label errors."""
+def _decode_image(job: tuple[bytes, str]) -> np.ndarray:
+    """One image file (JPEG/PNG bytes) to ``[32, 32, 3]`` uint8 RGB; the name labels errors."""
     from PIL import Image
 
-    encoded, names = job
-    rgb = np.empty((len(encoded), SIDE, SIDE, 3), dtype=np.uint8)
-    for row, (data, name) in enumerate(zip(encoded, names, strict=True)):
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                size = image.size
-                if size == (SIDE, SIDE):
-                    rgb[row] = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-        except (OSError, ValueError) as err:  # PIL reports damage as OSError/UnidentifiedImageError
-            raise DataError(f"{name}: cannot decode the image ({err})") from err
-        if size != (SIDE, SIDE):
-            raise DataError(f"{name}: the image is {size[0]}x{size[1]}, expected {SIDE}x{SIDE}")
-    return rgb
+    data, name = job
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            size = image.size
+            if size == (SIDE, SIDE):
+                return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+    except (OSError, ValueError) as err:  # PIL reports damage as OSError/UnidentifiedImageError
+        raise DataError(f"{name}: cannot decode the image ({err})") from err
+    raise DataError(f"{name}: the image is {size[0]}x{size[1]}, expected {SIDE}x{SIDE}")
 
 
 def decode_to_tokens(
@@ -73,12 +69,10 @@ def decode_to_tokens(
     """Image files to flattened grayscale tokens ``[N, 1024]`` uint8, decoded in ``num_proc`` processes;
     ``names`` (default ``row <i>``) say which image failed in an error."""
     names = [f"row {row}" for row in range(len(encoded))] if names is None else names
-    jobs = [
-        (encoded[start : start + chunk], names[start : start + chunk])
-        for start in range(0, len(encoded), chunk)
-    ]
-    decoded = list(map_in_processes(_decode_images, jobs, num_proc))
-    rgb = np.concatenate(decoded) if decoded else np.empty((0, SIDE, SIDE, 3), dtype=np.uint8)
+    rgb = np.empty((len(encoded), SIDE, SIDE, 3), dtype=np.uint8)
+    jobs = list(zip(encoded, names, strict=True))
+    for row, pixels in enumerate(map_in_processes(_decode_image, jobs, num_proc, chunk)):
+        rgb[row] = pixels
     return rgb_to_gray(rgb).reshape(len(rgb), SEQ_LEN)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -136,20 +137,14 @@ def decode_png(path: Path, resolution: int) -> np.ndarray:
         ) from err
 
 
-def _decode_chunk(job: tuple[list[str], int]) -> np.ndarray:
-    paths, resolution = job
-    return np.stack([decode_png(Path(path), resolution) for path in paths])
-
-
 def decode_pngs(
     paths: Sequence[Path], resolution: int, workers: int | None = None, chunk: int = 1000
 ) -> np.ndarray:
     """Decode many PNGs in parallel; ``[len(paths), resolution**2]`` uint8."""
     out = np.zeros((len(paths), resolution * resolution), dtype=np.uint8)
-    starts = range(0, len(paths), chunk)
-    jobs = [([str(p) for p in paths[start : start + chunk]], resolution) for start in starts]
-    for start, block in zip(starts, map_in_processes(_decode_chunk, jobs, workers), strict=True):
-        out[start : start + len(block)] = block
+    decode = partial(decode_png, resolution=resolution)
+    for row, pixels in enumerate(map_in_processes(decode, paths, workers, chunk)):
+        out[row] = pixels
     return out
 
 

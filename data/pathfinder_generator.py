@@ -214,16 +214,13 @@ def metadata_row(params: PathfinderParams, batch: int, index: int, label: int, m
     return [f"imgs/{batch}", f"sample_{index}.png", str(index), str(label), *map(_number, numbers)]
 
 
-def _generate_chunk(job: tuple[PathfinderParams, int, int, int, int, str]) -> list[list[str]]:
-    params, seed, batch, start, stop, folder = job
+def _generate_image(job: tuple[PathfinderParams, int, int, int, str]) -> list[str]:
+    params, seed, batch, index, folder = job
     image_dir = Path(folder) / "imgs" / str(batch)
     image_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for index in range(start, stop):
-        sample = generate_sample(params, np.random.default_rng(sample_seed(seed, params, batch, index)))
-        Image.fromarray(sample.image, mode="L").save(image_dir / f"sample_{index}.png")
-        rows.append(metadata_row(params, batch, index, sample.label, sample.margin))
-    return rows
+    sample = generate_sample(params, np.random.default_rng(sample_seed(seed, params, batch, index)))
+    Image.fromarray(sample.image, mode="L").save(image_dir / f"sample_{index}.png")
+    return metadata_row(params, batch, index, sample.label, sample.margin)
 
 
 def write_pathfinder(
@@ -244,24 +241,18 @@ def write_pathfinder(
         raise ValueError(
             f"num_images ({num_images}) and images_per_batch ({images_per_batch}) must be positive"
         )
-    jobs = []
-    for batch in range(math.ceil(num_images / images_per_batch)):
-        size = min(images_per_batch, num_images - batch * images_per_batch)
-        jobs += [
-            (params, seed, batch, start, min(start + chunk, size), str(folder))
-            for start in range(0, size, chunk)
-        ]
+    jobs = [(params, seed, *divmod(i, images_per_batch), str(folder)) for i in range(num_images)]
     rows_by_batch: dict[int, list[list[str]]] = {}
-    started, done, report = time.time(), 0, max(1, num_images // 20)
-    for job, rows in zip(jobs, map_in_processes(_generate_chunk, jobs, workers), strict=True):
-        rows_by_batch.setdefault(job[2], []).extend(rows)
-        done += len(rows)
-        if done // report != (done - len(rows)) // report or done == num_images:
+    started, report = time.time(), max(1, num_images // 20)
+    rows = map_in_processes(_generate_image, jobs, workers, chunk)
+    for done, (job, row) in enumerate(zip(jobs, rows, strict=True), 1):
+        rows_by_batch.setdefault(job[2], []).append(row)
+        if done % report == 0 or done == num_images:
             elapsed = time.time() - started
             left = elapsed / done * (num_images - done)
             log.info("pathfinder: %d/%d images (%.0f s, about %.0f s left)", done, num_images, elapsed, left)
-    for batch, rows in rows_by_batch.items():
-        write_metadata(folder / "metadata" / f"{batch}.npy", rows)
+    for batch, batch_rows in rows_by_batch.items():
+        write_metadata(folder / "metadata" / f"{batch}.npy", batch_rows)
 
 
 def generated_pathfinder_dir(
