@@ -15,6 +15,7 @@ from typing import Any
 
 from data.cache import atomic_write_text
 from lra.bench_rows import METRICS, OperatorTable, device_label, load_rows, setting_text, status_text, usable
+from lra.markdown import md_table
 from lra.registry import published_efficiency_4k
 from lra.summary import REPO_ROOT
 from models.attention.crossover import crossover_n0, crossover_n1
@@ -31,11 +32,6 @@ def fmt(value: float | None, digits: int = 3) -> str:
         return "0"
     decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
     return f"{value:,.{decimals}f}"
-
-
-def md_table(header: list[str], body: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(cells) + " |" for cells in body] + [""]
 
 
 def _cell(row: dict[str, Any] | None, metric: str) -> str:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 # Standard library only (and these modules): importable before ensure_imports has installed the wheels.
-from lra.gpu_check_stages import Rows, run_bounded, stage_pytest, train_and_resume
+from lra.bench_rows import Rows
+from lra.gpu_check_stages import run_bounded, stage_pytest, train_and_resume
 
 REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("hydra", "omegaconf", "antlr4", "lightning", "torch")

@@ -17,7 +17,6 @@ from lra.bench_report import (
     environment_section,
     find_row,
     fmt,
-    md_table,
     n_table,
     operator_sections,
     plot,
@@ -26,6 +25,7 @@ from lra.bench_report import (
     softmax_section,
 )
 from lra.bench_rows import OperatorTable, load_rows, problem_text, setting_text
+from lra.markdown import md_table
 
 # Every file the check writes into its report folder (at most 8, so that one device call brings all back).
 OUTPUT_FILES = (

@@ -29,6 +29,7 @@ from torch import nn
 from data.cache import atomic_write_text
 from lra.bench import environment
 from lra.errors import ConfigError, run_cli
+from lra.markdown import md_table
 from lra.registry import attention_factory
 from lra.timing import median_iqr, time_calls
 
@@ -136,15 +137,16 @@ def report(rows: list[dict[str, Any]], command: str) -> str:
         f"- shape: B={first['batch']}, h={first['heads']}, N={first['seq_len']}, d={first['head_dim']}, "
         f"float32, unmasked; median of {first['repeats']} interleaved calls after warm-up",
         "",
-        "| method | fwd+bwd ms (± IQR) | time ÷ official |",
-        "|---|---|---|",
     ]
-    for row in rows:
-        ratio = "" if row["vs_official"] is None else f"{row['vs_official']:.2f}×"
-        lines.append(
-            f"| {row['method']} | {row['fwd_bwd_ms']:.1f} (± {row['fwd_bwd_iqr_ms']:.1f}) | {ratio} |"
-        )
-    return "\n".join(lines) + "\n"
+    body = [
+        [
+            row["method"],
+            f"{row['fwd_bwd_ms']:.1f} (± {row['fwd_bwd_iqr_ms']:.1f})",
+            "" if row["vs_official"] is None else f"{row['vs_official']:.2f}×",
+        ]
+        for row in rows
+    ]
+    return "\n".join(lines + md_table(["method", "fwd+bwd ms (± IQR)", "time ÷ official"], body))
 
 
 def main(argv: list[str] | None = None) -> None:

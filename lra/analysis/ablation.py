@@ -28,8 +28,8 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from lra.analysis.runs import analysis_parser, grad_series, launch, read_metrics, save_figure, shown
-from lra.bench_report import md_table
 from lra.errors import MissingDataError, run_cli
+from lra.markdown import md_table
 from lra.registry import attention_factory
 from lra.summary import REPO_ROOT, device_name
 

@@ -20,8 +20,8 @@ from hydra.utils import instantiate
 
 from data.cache import atomic_write_text
 from lra.analysis.runs import load_run, run_files, shown
-from lra.bench_report import md_table
 from lra.errors import run_cli
+from lra.markdown import md_table
 from lra.module import model_inputs
 
 

@@ -34,8 +34,8 @@ from lra.analysis.runs import (
     save_figure,
     shown,
 )
-from lra.bench_report import md_table
 from lra.errors import run_cli
+from lra.markdown import md_table
 from lra.registry import attention_factory, registered_attentions
 from lra.summary import REPO_ROOT, device_name
 

@@ -29,9 +29,9 @@ from omegaconf import OmegaConf
 from lra.analysis.runs import analysis_parser, save_figure
 from lra.bench import DTYPES, calibration_row, environment, select_device, shared_bench_config
 from lra.bench_levels import OperatorBench, variants_from_config
-from lra.bench_report import md_table
 from lra.bench_rows import METRICS, OperatorTable, metric_value
 from lra.errors import ConfigError, MissingDataError, run_cli
+from lra.markdown import md_table
 from lra.registry import registered_attentions
 from lra.summary import REPO_ROOT, to_jsonable
 from models.attention.crossover import crossover_n0, crossover_n1

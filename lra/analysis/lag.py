@@ -28,8 +28,8 @@ from omegaconf import OmegaConf
 from data.cache import atomic_write_text
 from lra.analysis.maps import example_from, example_maps
 from lra.analysis.runs import load_run, model_from_config, read_metrics, save_figure
-from lra.bench_report import md_table
 from lra.errors import ConfigError, MissingDataError, run_cli
+from lra.markdown import md_table
 from lra.schedules import lr_multiplier
 from models.heads import LRAModel
 

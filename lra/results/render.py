@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 
+from lra.markdown import md_table
 from lra.registry import published_source
 from lra.results.cells import MISSING, Cell, Report, Section
 from lra.results.runs import UNPUBLISHED_FIELDS, Run, listing_order, recipe_label, short_commit
@@ -26,13 +27,6 @@ def fmt(value: float | str | None, pattern: str = ".2f") -> str:
 def _one_line(text: str, limit: int = 160) -> str:
     text = re.sub(r"\s+", " ", re.sub(r"\x1b\[[0-9;]*m", "", text)).strip()
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    def row(values: Iterable[Any]) -> str:
-        return "| " + " | ".join(str(value).replace("|", "\\|") for value in values) + " |"
-
-    return [row(header), row("---" for _ in header), *map(row, rows)]
 
 
 def _listing(title: str, items: Sequence[str]) -> list[str]:
@@ -84,7 +78,7 @@ def _section_markdown(section: Section, links: list[tuple[str, str]]) -> list[st
     header = ("task", "attention", "recipe", "device", "test acc % (mean ± std)", "seeds", "failed")
     header += ("steps/s", "steps/s ÷ softmax", "peak mem GB", "mem ÷ softmax")
     header += (f"published ({published_source()})", "Δ vs published", "commit")
-    lines += md_table(header, (_cell_row(section, cell) for cell in section.cells)) + [""]
+    lines += md_table(header, (_cell_row(section, cell) for cell in section.cells))
     if links:
         lines += [
             "Learning curves (validation accuracy against training step and training time; line: mean "
@@ -106,12 +100,12 @@ def _section_markdown(section: Section, links: list[tuple[str, str]]) -> list[st
         tasks = f"{len(average.tasks)}: {', '.join(average.tasks)}" if average.tasks else MISSING
         numbers = (fmt(average.acc_mean), fmt(average.published), fmt(average.delta, "+.2f"))
         rows.append((average.attention, tasks, *numbers))
-    lines += md_table(header, rows) + [""]
+    lines += md_table(header, rows)
     if section.failed:
         lines += [f"### Failed runs ({len(section.failed)}, not averaged)", ""]
         header = ("task", "attention", "seed", "status", "summary")
         rows = [(r.task, r.attention, r.seed, _one_line(r.status), f"`{r.source}`") for r in section.failed]
-        lines += md_table(header, rows) + [""]
+        lines += md_table(header, rows)
     return lines
 
 
@@ -267,7 +261,7 @@ def render_readme(report: Report) -> str:
     lines = [README_HEADER]
     if report.roots:
         lines += ["Read from: " + ", ".join(f"`{root}`" for root in report.roots) + ".", ""]
-    lines += (_readme_table(report.runs) if report.runs else ["No runs found."]) + [""]
+    lines += _readme_table(report.runs) if report.runs else ["No runs found.", ""]
     if report.superseded:
-        lines += ["## Superseded runs (not counted)", "", *_readme_table(report.superseded), ""]
+        lines += ["## Superseded runs (not counted)", "", *_readme_table(report.superseded)]
     return "\n".join(lines + _listing("Problems", report.problems))
