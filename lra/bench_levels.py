@@ -223,7 +223,7 @@ class OperatorBench:
         grid, device = self.grid, self.device
         try:
             module, call = build_operator(
-                variant, shape, device, self.dtype, self.cfg.seed, self.cfg.model.attn_dropout
+                variant, shape, device, self.dtype, self.cfg.seed, self.cfg.attn_dropout
             )
             out, peak_mb, fb_ms, fb_iqr = measure(
                 lambda: _fwd_bwd(call, module, inputs), device, grid.warmup, grid.repeats

@@ -16,10 +16,7 @@ from data.base import LRADataModule
 from lra.resume import wandb_run_id
 from lra.summary import device_name
 from models.attention.base import Attention
-from models.encoder import LRAEncoder
 from models.heads import LRAModel
-
-MODEL_KEYS_NOT_FOR_ENCODER = ("attn_dropout", "retrieval_interaction")
 
 
 def default_profile_override(argv: Sequence[str]) -> str | None:
@@ -76,19 +73,18 @@ def run_banner(
 def build_model(
     model_cfg: DictConfig, attention: Callable[..., Attention], datamodule: LRADataModule
 ) -> LRAModel:
-    """The encoder plus the head the task needs (dual encoder when the data module is two-document)."""
-    sizes = OmegaConf.to_container(model_cfg, resolve=True)
-    sizes = {key: value for key, value in sizes.items() if key not in MODEL_KEYS_NOT_FOR_ENCODER}
-    encoder = LRAEncoder(
-        attention=attention, vocab_size=datamodule.vocab_size, seq_len=datamodule.seq_len, **sizes
-    )
-    return LRAModel(
-        encoder,
+    """The ``model`` node's constructor (``LRAModel``), completed with the attention and what only the data
+    module knows: vocabulary, length, classes, and whether examples are document pairs."""
+    if "_target_" not in model_cfg:  # the config_resolved.yaml of a run older than the _target_ of this node
+        legacy = {key: value for key, value in model_cfg.items() if key != "attn_dropout"}
+        model_cfg = OmegaConf.create({"_target_": "models.heads.LRAModel", **legacy})
+    return instantiate(
+        model_cfg,
+        attention=attention,
+        vocab_size=datamodule.vocab_size,
+        seq_len=datamodule.seq_len,
         num_classes=datamodule.num_classes,
-        mlp_dim=model_cfg.mlp_dim,
-        d_model=model_cfg.d_model,
         dual=datamodule.dual,
-        retrieval_interaction=model_cfg.retrieval_interaction,
     )
 
 

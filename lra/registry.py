@@ -69,11 +69,11 @@ def published_efficiency_4k(attention: str) -> tuple[float, float] | None:
 def attention_factory(
     name: str, overrides: Mapping[str, Any] | None = None, attn_dropout: float = 0.0
 ) -> Callable[..., Attention]:
-    """The YAML's partial with ``overrides`` merged in, ``${model.attn_dropout}`` resolved to
+    """The YAML's partial with ``overrides`` merged in, ``${attn_dropout}`` resolved to
     ``attn_dropout``; call it with ``num_heads``, ``head_dim``, ``max_len``."""
     path = ATTENTION_DIR / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown attention {name!r}: no {path}; registered: {registered_attentions()}")
     node = OmegaConf.merge(OmegaConf.load(path), dict(overrides or {}))
-    root = OmegaConf.create({"model": {"attn_dropout": attn_dropout}, "attention": node})
+    root = OmegaConf.create({"attn_dropout": attn_dropout, "attention": node})
     return instantiate(root.attention)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
+from models.attention.base import Attention
 from models.encoder import LRAEncoder
 
 INTERACTIONS = ("nli", "concat")
@@ -45,19 +49,27 @@ class DualEncoderHead(nn.Module):
 
 
 class LRAModel(nn.Module):
-    """Encoder plus head; with ``dual=True`` both documents go through the same encoder (shared weights)."""
+    """The encoder plus the task's head: the constructor of the ``model`` config node, which train.py
+    completes with the attention factory and the data module's ``vocab_size``, ``seq_len``, ``num_classes``
+    and ``dual``. With ``dual=True`` both documents go through the same encoder (shared weights);
+    ``encoder_options`` are :class:`LRAEncoder`'s (layers, heads, dropout, pooling, ...)."""
 
     def __init__(
         self,
-        encoder: LRAEncoder,
+        attention: Callable[..., Attention],
+        vocab_size: int,
+        seq_len: int,
         num_classes: int,
-        mlp_dim: int,
         d_model: int,
+        mlp_dim: int,
         dual: bool = False,
         retrieval_interaction: str = "nli",
+        **encoder_options: Any,
     ) -> None:
         super().__init__()
-        self.encoder = encoder
+        self.encoder = LRAEncoder(
+            attention, vocab_size, seq_len, d_model=d_model, mlp_dim=mlp_dim, **encoder_options
+        )
         self.dual = dual
         self.head: nn.Module = (
             DualEncoderHead(d_model, mlp_dim, num_classes, retrieval_interaction)

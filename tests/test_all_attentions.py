@@ -25,7 +25,7 @@ pytestmark = pytest.mark.parametrize("config", registered_attentions())
 
 
 def build(config: str, attn_dropout: float = 0.0, dtype: torch.dtype = F64, **overrides) -> Attention:
-    """The module train.py would build from the YAML, ``${model.attn_dropout}`` set to ``attn_dropout``."""
+    """The module train.py would build from the YAML, ``${attn_dropout}`` set to ``attn_dropout``."""
     module = attention_factory(config, attn_dropout=attn_dropout)(
         num_heads=NUM_HEADS, head_dim=HEAD_DIM, max_len=MAX_LEN, **overrides
     )

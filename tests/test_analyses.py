@@ -27,7 +27,6 @@ from models.attention.taylorshift import (
     taylorshift_attention,
     taylorshift_attention_ref,
 )
-from models.encoder import LRAEncoder
 from models.heads import LRAModel
 from tests.helpers import ATTENTIONS, compose_config, listops_folder, saved_run, tiny_listops
 
@@ -50,18 +49,18 @@ def attention_factory(name: str, **overrides):
 
 
 def tiny_model(name: str, seq_len: int = 11) -> LRAModel:
-    encoder = LRAEncoder(
+    return LRAModel(
         attention_factory(name),
         vocab_size=12,
         seq_len=seq_len,
+        num_classes=3,
         d_model=16,
+        mlp_dim=16,
         n_layers=2,
         num_heads=2,
         qkv_dim=16,
-        mlp_dim=16,
         dropout=0.0,
     )
-    return LRAModel(encoder, num_classes=3, mlp_dim=16, d_model=16)
 
 
 def padded_inputs(batch: int = 2, heads: int = 2, seq_len: int = 10, dim: int = 4):

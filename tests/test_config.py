@@ -1,9 +1,14 @@
 """Every attention and task YAML composes, and bad choices fail with a helpful message."""
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
+from lra.build import build_model
 from tests.helpers import ATTENTIONS, TASKS, compose_config
 
 
@@ -52,3 +57,19 @@ def test_unknown_task_lists_the_choices():
         compose_config(["task=sorting"])
     for name in TASKS:
         assert name in str(error.value)
+
+
+def test_a_model_node_from_before_its_target_still_builds_the_same_model():
+    """Analyses rebuild models from old runs' config_resolved.yaml, whose model node had no ``_target_`` and
+    held attn_dropout."""
+    cfg = compose_config(["task=listops", "attention=softmax", "profile=cpu"])
+    legacy = OmegaConf.to_container(cfg.model)
+    del legacy["_target_"]
+    legacy["attn_dropout"] = cfg.attn_dropout
+    datamodule = SimpleNamespace(vocab_size=20, seq_len=32, num_classes=10, dual=False)
+    weights = []
+    for node in (OmegaConf.create(legacy), cfg.model):
+        torch.manual_seed(0)
+        weights.append(build_model(node, instantiate(cfg.attention), datamodule).state_dict())
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])

@@ -20,7 +20,6 @@ from lra.module import LRAClassifier, NonFiniteLossError
 from lra.validate import ConfigError, validate_config
 from models.attention.linformer import LinformerAttention
 from models.attention.softmax import SoftmaxAttention
-from models.encoder import LRAEncoder
 from models.heads import LRAModel
 from tests.helpers import ROOT, compose_config, run_train
 
@@ -227,18 +226,19 @@ def test_two_processes_building_the_same_cache_build_it_once(tmp_path):
 
 
 def test_sequence_longer_than_the_model_is_a_clear_error():
-    encoder = LRAEncoder(
+    model = LRAModel(
         functools.partial(LinformerAttention, proj_len=8),
         vocab_size=17,
         seq_len=16,
+        num_classes=10,
         d_model=16,
+        mlp_dim=32,
         n_layers=1,
         num_heads=2,
         qkv_dim=16,
-        mlp_dim=32,
     )
     module = LRAClassifier(
-        LRAModel(encoder, num_classes=10, mlp_dim=32, d_model=16),
+        model,
         optimizer=torch.optim.AdamW,
         scheduler=_CONSTANT,
         num_classes=10,
@@ -349,19 +349,20 @@ class Inject(L.Callback):
 
 def _fit(inject, max_nonfinite_steps=0, max_steps=6, precision="32-true", accelerator="cpu"):
     torch.manual_seed(0)
-    encoder = LRAEncoder(
+    model = LRAModel(
         SoftmaxAttention,
         vocab_size=17,
         seq_len=16,
+        num_classes=10,
         d_model=16,
+        mlp_dim=32,
         n_layers=1,
         num_heads=2,
         qkv_dim=16,
-        mlp_dim=32,
         dropout=0.0,
     )
     module = LRAClassifier(
-        LRAModel(encoder, num_classes=10, mlp_dim=32, d_model=16),
+        model,
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         scheduler=_CONSTANT,
         num_classes=10,

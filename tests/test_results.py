@@ -495,3 +495,24 @@ def test_a_real_multirun_is_collected_and_tabulated(tmp_path):
     assert performer.n == 1 and performer.steps_vs_softmax > 0
     readme = (out / "README.md").read_text()
     assert "python train.py task=listops attention=performer seed=0 profile=cpu logger=csv" in readme
+
+
+def test_committed_runs_keep_their_cells_across_the_model_node_layout():
+    """Runs written before ``model`` named its constructor kept attn_dropout in it: the same recipe in today's
+    layout hashes the same, and today's configs give every committed run's model node and attn_dropout."""
+    composed = {}
+    for path in sorted((ROOT / "results" / "runs").rglob("summary.json")):
+        summary = json.loads(path.read_text())
+        recorded = summary["config"]
+        model = dict(recorded["model"])
+        attn_dropout = model.pop("attn_dropout")
+        today = {
+            **recorded,
+            "model": {"_target_": "models.heads.LRAModel", **model},
+            "attn_dropout": attn_dropout,
+        }
+        assert results.recipe_variant(today) == results.recipe_variant(recorded) == path.parent.name[-8:]
+        if summary["task"] not in composed:
+            cfg = compose_config([f"task={summary['task']}", "profile=cpu"])
+            composed[summary["task"]] = (OmegaConf.to_container(cfg.model), cfg.attn_dropout)
+        assert composed[summary["task"]] == (today["model"], attn_dropout), path

@@ -78,6 +78,14 @@ def recipe_variant(config: dict[str, Any] | None) -> str:
     for node, ignored in NOT_RECIPE_KEYS.items():
         if isinstance(chosen[node], dict):
             chosen[node] = {key: value for key, value in chosen[node].items() if key not in ignored}
+    # Hashed in the model node's layout before it named its constructor and handed attn_dropout to the root,
+    # so a recipe keeps its hash (and committed runs their cells); another backbone still hashes apart.
+    if isinstance(model := chosen["model"], dict):
+        if model.get("_target_") == "models.heads.LRAModel":
+            model = {key: value for key, value in model.items() if key != "_target_"}
+        chosen["model"] = (
+            {**model, "attn_dropout": config["attn_dropout"]} if "attn_dropout" in config else model
+        )
     return hashlib.sha1(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 

@@ -15,5 +15,5 @@ def tiny_overrides(tmp_path: Path) -> list[str]:
         "data.batch_size=1",
         "data.eval_batch_size=1",
         "data.workers=1",
-        "model.attn_dropout=0.0",
+        "attn_dropout=0.0",
     ]
