@@ -3,10 +3,6 @@
 An attention is an ``nn.Module`` built by ``functools.partial`` from ``conf/attention/<name>.yaml`` and
 completed by the encoder with ``num_heads``, ``head_dim`` and ``max_len``. It maps ``q, k, v``
 ``[B, H, N, D]`` and an optional bool ``mask`` ``[B, N]`` (True at real tokens) to ``[B, H, N, D]``.
-
-The padding contract is enforced here, once: q, k, v are zeroed at pads with a select (not a multiply:
-0·NaN = NaN), and output rows at padded queries are zero. A subclass must still keep padded keys out of its
-normaliser.
 """
 
 from __future__ import annotations
@@ -18,11 +14,13 @@ from torch import Tensor, nn
 
 
 class Attention(nn.Module):
-    """Validates inputs, applies the padding contract and calls ``attend``.
+    """Validates inputs, applies the padding contract once and calls ``attend``.
 
-    A subclass implements ``attend`` (its fast path) and ``reference`` (the same function with an explicit
-    N×N weight matrix: the test oracle and, on V = I, its attention map). It overrides ``explicit_weights``
-    and ``apply_weights`` only when its output is not weights @ V. ``causal`` masks future keys; methods that
+    The contract: q, k, v are zeroed at pads with a select (not a multiply: 0·NaN = NaN) and output rows at
+    padded queries are zero; a subclass must still keep padded keys out of its normaliser. A subclass
+    implements ``attend`` (its fast path) and ``reference`` (the same function with an explicit N×N weight
+    matrix: the test oracle and, on V = I, its attention map), and overrides ``explicit_weights`` and
+    ``apply_weights`` only when its output is not weights @ V. ``causal`` masks future keys; methods that
     cannot do it raise at construction. ``max_len`` matters only to position-dependent methods (Linformer).
     """
 
@@ -30,8 +28,7 @@ class Attention(nn.Module):
     # file name, so a copied module needs no edit but its class name.
     name: ClassVar[str] = "attention"
     supports_causal: ClassVar[bool] = True
-    is_approximation: ClassVar[bool] = False  # approximates softmax rather than computing its own kernel
-    needs_seq_len: ClassVar[bool] = False  # inputs must not exceed max_len
+    needs_seq_len: ClassVar[bool] = False  # its parameters depend on absolute positions, up to max_len
     # Non-negative weights summing to 1 (a constant V comes back); an instance may override it.
     is_convex: bool = False
     key_axis: ClassVar[str] = "key"  # what the columns of explicit_weights index
@@ -43,20 +40,17 @@ class Attention(nn.Module):
 
     def __init__(self, num_heads: int, head_dim: int, max_len: int, causal: bool = False) -> None:
         super().__init__()
-        if num_heads < 1 or head_dim < 1:
-            raise ValueError(
-                f"{type(self).__name__}: num_heads and head_dim must be >= 1, "
-                f"got num_heads={num_heads}, head_dim={head_dim}"
-            )
-        if causal and not self.supports_causal:
-            raise ValueError(
-                f"{type(self).__name__} does not support causal masking; set causal=false "
-                f"or choose an attention that supports it"
-            )
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.max_len = max_len
-        self.causal = causal
+        owner = type(self).__name__
+        require(
+            num_heads >= 1 and head_dim >= 1,
+            f"{owner}: num_heads and head_dim must be >= 1, got num_heads={num_heads}, head_dim={head_dim}",
+        )
+        require(
+            not causal or self.supports_causal,
+            f"{owner} does not support causal masking; set causal=false "
+            f"or choose an attention that supports it",
+        )
+        self.num_heads, self.head_dim, self.max_len, self.causal = num_heads, head_dim, max_len, causal
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B, H, N, D]`` in the input dtype, zero at padded queries."""
@@ -110,11 +104,6 @@ class Attention(nn.Module):
                 f"{self.name}: built for {self.num_heads} heads of size {self.head_dim}, "
                 f"got heads={q.shape[1]}, head_dim={q.shape[3]}"
             )
-        if self.needs_seq_len and q.shape[2] > self.max_len:
-            raise ValueError(
-                f"{self.name}: sequence length {q.shape[2]} exceeds max_len={self.max_len} "
-                f"fixed at construction; raise the task's max_len or truncate the input"
-            )
         if mask is not None:
             if mask.dtype != torch.bool or mask.shape != (q.shape[0], q.shape[2]):
                 raise ValueError(
@@ -140,12 +129,11 @@ def zero_pads(tensors: tuple[Tensor, ...], mask: Tensor) -> tuple[Tensor, ...]:
     return tuple(torch.where(keep, t, t.new_zeros(())) for t in tensors)
 
 
-def count_real(
-    mask: Tensor | None, batch: int, seq_len: int, device: torch.device, dtype: torch.dtype
-) -> Tensor:
-    """Real keys per sequence, ``[B, 1, 1, 1]``."""
+def count_real(mask: Tensor | None, like: Tensor) -> Tensor:
+    """Real keys per sequence, ``[B, 1, 1, 1]`` in ``like``'s dtype (``like`` is ``[B, H, N, *]``)."""
+    batch, dtype = like.shape[0], like.dtype
     if mask is None:
-        return torch.full((batch, 1, 1, 1), float(seq_len), device=device, dtype=dtype)
+        return torch.full((batch, 1, 1, 1), float(like.shape[2]), device=like.device, dtype=dtype)
     return mask.sum(dim=1, dtype=dtype).view(batch, 1, 1, 1)
 
 

@@ -12,17 +12,11 @@ from typing import Any
 import torch
 
 CROSSOVER_TABLE = Path(__file__).with_name("crossover.json")
-_crossover_table: dict[str, Any] | None = None  # read once, on first use
+_crossover_table: dict[str, Any] = json.loads(CROSSOVER_TABLE.read_text()) if CROSSOVER_TABLE.exists() else {}
 
 
 def measured_n0(device_kind: str, dtype: torch.dtype, head_dim: int) -> int | None:
     """The crossover measured for ``device_kind`` (``cpu``, ``cuda``), dtype and d, or None."""
-    global _crossover_table
-    if _crossover_table is None:
-        try:
-            _crossover_table = json.loads(CROSSOVER_TABLE.read_text())
-        except FileNotFoundError:
-            _crossover_table = {}
     entry = (
         _crossover_table.get(device_kind, {}).get(str(dtype).removeprefix("torch."), {}).get(str(head_dim))
     )

@@ -12,8 +12,6 @@ from torch import Tensor, nn
 
 from models.attention.base import Attention, require, require_choice, zero_pads
 
-SHARE_MODES = ("headwise", "kv")
-
 
 def _check_length(seq_len: int, e_proj: Tensor) -> None:
     if seq_len > e_proj.shape[1]:
@@ -77,27 +75,20 @@ class LinformerAttention(Attention):
         self, *args: Any, proj_len: int = 256, share: str = "headwise", dropout: float = 0.0, **kwargs: Any
     ) -> None:
         super().__init__(*args, **kwargs)
-        max_len = self.max_len
-        require_choice("linformer", "share", share, SHARE_MODES)
+        require_choice("linformer", "share", share, ("headwise", "kv"))
         require(
-            1 <= proj_len <= max_len,
-            f"linformer: proj_len must lie in [1, max_len={max_len}], got {proj_len}; "
+            1 <= proj_len <= self.max_len,
+            f"linformer: proj_len must lie in [1, max_len={self.max_len}], got {proj_len}; "
             f"lower attention.proj_len for this task",
         )
         require(0.0 <= dropout < 1.0, f"linformer: dropout must lie in [0, 1), got {dropout}")
-        self.proj_len = proj_len
-        self.share = share
-        self.dropout = dropout
-        self.e_proj = nn.Parameter(self._uniform_init(proj_len, max_len))
-        if share == "kv":
-            self.register_parameter("f_proj", None)
-        else:
-            self.f_proj = nn.Parameter(self._uniform_init(proj_len, max_len))
-
-    @staticmethod
-    def _uniform_init(proj_len: int, max_len: int) -> Tensor:
+        self.proj_len, self.share, self.dropout = proj_len, share, dropout
         bound = 1.0 / math.sqrt(proj_len)
-        return torch.empty(proj_len, max_len).uniform_(-bound, bound)
+        self.e_proj = nn.Parameter(torch.empty(proj_len, self.max_len).uniform_(-bound, bound))
+        # share='kv': F = E, no second parameter.
+        self.f_proj = (
+            None if share == "kv" else nn.Parameter(torch.empty_like(self.e_proj).uniform_(-bound, bound))
+        )
 
     @property
     def value_proj(self) -> Tensor:

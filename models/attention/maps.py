@@ -1,9 +1,6 @@
-"""Explicit attention-weight matrices, to look at what a trained attention does (attention maps).
-
-``attention_weights`` returns the weights a module's forward applies to its values, from its own state (τ,
-random features, E, normalisation), through ``Attention.explicit_weights``; for the linear-time methods this
-is their quadratic form, for one example at a time. ``weights_output`` applies them as the module does, so
-``weights_output(m, attention_weights(m, q, k, mask), v, mask) == m(q, k, v, mask)``.
+"""Explicit attention-weight matrices (attention maps), from a module's own state (τ, random features, E,
+normalisation) through ``Attention.explicit_weights``: for the linear-time methods their quadratic form, for
+one example at a time. ``weights_output(m, attention_weights(m, q, k, mask), v, mask) == m(q, k, v, mask)``.
 """
 
 from __future__ import annotations

@@ -4,27 +4,12 @@ arXiv 2009.14794)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from models.attention.base import Attention, accumulation_dtype, require
-
-
-@dataclass(frozen=True)
-class FavorOptions:
-    """The FAVOR+ estimator's options. ``eps`` is added to every feature after the exp (before the 1/√m, so
-    its weight does not depend on m); ``chunk_size`` keys per step of the causal prefix sum."""
-
-    causal: bool = False
-    eps: float = 1e-4
-    chunk_size: int = 64
-
-    def __post_init__(self) -> None:
-        require(self.eps > 0, f"performer: eps must be > 0 to keep the normaliser positive, got {self.eps}")
-        require(self.chunk_size >= 1, f"performer: chunk_size must be >= 1, got {self.chunk_size}")
 
 
 def orthogonal_random_features(num_features: int, head_dim: int, generator: torch.Generator) -> Tensor:
@@ -56,21 +41,23 @@ def _query_features(q: Tensor, projection: Tensor, eps: float) -> Tensor:
 
 
 def performer_attention(
-    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None = None, **options: Any
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    eps: float = 1e-4,
+    chunk_size: int = 64,
 ) -> Tensor:
     """FAVOR+ attention φ(Q)(φ(K)ᵀV) / φ(Q)(φ(K)ᵀ1), linear in N, with W = ``projection`` ``[m, D]``.
 
     φ(x) = (exp(Wx − ‖x‖²/2 − max) + eps)/√m with x = input/d^{1/4}; the query max is per query row, the
     key max over the real keys each query sees, per (batch, head). Padded keys get φ(k) = 0 and v = 0.
-    ``options`` are the fields of ``FavorOptions``; returns q's dtype.
+    ``eps`` is added after the exp (before the 1/√m, so its weight does not depend on m); ``chunk_size``
+    keys per step of the causal prefix sum. Returns q's dtype.
     """
-    return _favor(q, k, v, projection, mask, FavorOptions(**options))
-
-
-def _favor(
-    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None, opts: FavorOptions
-) -> Tensor:
-    out_dtype, acc, eps = q.dtype, accumulation_dtype(q.dtype), opts.eps
+    out_dtype, acc = q.dtype, accumulation_dtype(q.dtype)
     # Under autocast the feature matmuls would drop back to bf16/fp16.
     with torch.autocast(q.device.type, enabled=False):
         q, k, v, projection = (t.to(acc) for t in (q, k, v, projection))
@@ -81,9 +68,9 @@ def _favor(
         if mask is not None:
             row_max = row_max.masked_fill(~mask[:, None, :], float("-inf"))  # pads never set the stabiliser
             v = torch.where(real, v, v.new_zeros(()))
-        if opts.causal:
+        if causal:
             key_exponent = key_logits - key_half_sq_norm
-            out = _causal_favor(query_features, key_exponent, row_max, v, real, eps, opts.chunk_size)
+            out = _causal_favor(query_features, key_exponent, row_max, v, real, eps, chunk_size)
         else:
             key_max = row_max.amax(dim=-1)[..., None, None]  # [B, H, 1, 1]
             exponent = key_logits - key_half_sq_norm - key_max
@@ -170,16 +157,15 @@ def _causal_favor(
 
 
 def performer_attention_ref(
-    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None = None, **options: Any
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor,
+    mask: Tensor | None = None,
+    causal: bool = False,
+    eps: float = 1e-4,
 ) -> Tensor:
-    """The same estimator with an explicit N×N matrix φ(Q)φ(K)ᵀ, normalised per row."""
-    return _reference(q, k, v, projection, mask, FavorOptions(**options))
-
-
-def _reference(
-    q: Tensor, k: Tensor, v: Tensor, projection: Tensor, mask: Tensor | None, opts: FavorOptions
-) -> Tensor:
-    """φ(q_i)·φ_i(k_j) normalised per row as an explicit ``[B, H, N, N]`` matrix, times V.
+    """The same estimator with an explicit N×N matrix φ(q_i)·φ_i(k_j), normalised per row.
 
     The key stabiliser M_i is the max over the keys query i sees, so key features depend on the query; built
     per (query, key) pair they would take ``[B, H, N, N, m]``. Instead exp(l_jf − h_j − M_i) is split as
@@ -187,12 +173,12 @@ def _reference(
     """
     out_dtype, acc = q.dtype, accumulation_dtype(q.dtype)
     q, k, projection = q.to(acc), k.to(acc), projection.to(acc)
-    query_features = _query_features(q, projection, opts.eps)  # [B, H, N, m]
+    query_features = _query_features(q, projection, eps)  # [B, H, N, m]
     key_logits, key_half_sq_norm = _scaled_logits(k, projection)  # [B, H, N, m], [B, H, N, 1]
     row_max = key_logits.amax(dim=-1)  # r_j, [B, H, N]
     batch, _, seq_len, _ = q.shape
     visible = torch.ones(seq_len, seq_len, dtype=torch.bool, device=q.device)
-    if opts.causal:
+    if causal:
         visible = visible.tril()
     visible = visible.expand(batch, 1, seq_len, seq_len)
     if mask is not None:
@@ -202,7 +188,7 @@ def _reference(
     key_part = torch.exp(key_logits - key_half_sq_norm - row_max[..., None])  # [B, H, N, m]
     scale = torch.exp((row_max[:, :, None, :] - stabiliser).masked_fill(~visible, float("-inf")))
     exp_scores = (query_features @ key_part.transpose(-1, -2)) * scale  # [B, H, N, N]
-    eps_scores = opts.eps * query_features.sum(dim=-1, keepdim=True)  # [B, H, N, 1]
+    eps_scores = eps * query_features.sum(dim=-1, keepdim=True)  # [B, H, N, 1]
     scores = torch.where(visible, exp_scores + eps_scores, exp_scores.new_zeros(()))
     scores = scores / math.sqrt(projection.shape[0])
     row_sum = scores.sum(dim=-1, keepdim=True)
@@ -220,7 +206,6 @@ class PerformerAttention(Attention):
     the same features.
     """
 
-    is_approximation = True
     is_convex = True
 
     def __init__(
@@ -243,7 +228,8 @@ class PerformerAttention(Attention):
             redraw_interval is None or redraw_interval >= 0,
             f"performer: redraw_interval must be >= 0 (0 or null = never), got {redraw_interval}",
         )
-        self.favor = FavorOptions(causal=self.causal, eps=eps)
+        require(eps > 0, f"performer: eps must be > 0 to keep the normaliser positive, got {eps}")
+        self.eps = eps
         self.num_features = num_features
         self.redraw_interval = redraw_interval or 0
         self.seed = int(torch.randint(0, 2**62, ()).item()) if seed is None else seed
@@ -268,10 +254,10 @@ class PerformerAttention(Attention):
             if self.redraw_interval and self.calls_since_redraw >= self.redraw_interval:
                 self.redraw_features()
             self.calls_since_redraw += 1
-        return _favor(q, k, v, self.projection, mask, self.favor)
+        return performer_attention(q, k, v, self.projection, mask, self.causal, self.eps)
 
     def reference(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        return _reference(q, k, v, self.projection, mask, self.favor)
+        return performer_attention_ref(q, k, v, self.projection, mask, self.causal, self.eps)
 
     def flops(self, batch: int, heads: int, seq_len: int, head_dim: int) -> float:
         return 8.0 * batch * heads * seq_len * self.num_features * head_dim

@@ -164,8 +164,7 @@ class _PolyRatio(torch.autograd.Function):
     ) -> Tensor:
         shape = v.shape
         with torch.no_grad():
-            factor = _row_factor(divisor, mask, v.dtype)
-            v_aug = _scaled_rows(v, first, factor)
+            v_aug, factor = _augment(v, Augmentation(first, divisor, mask))
         q, k, v_aug = fold_heads(q, k, v_aug)
         out_aug, (s1, s2r) = poly_forward(q, k, v_aug, (a, b, c))
         denominator, nonzero = _denominator(out_aug)
@@ -266,23 +265,18 @@ def run_poly_kernel(
 def augmented_values(v: Tensor, augmentation: Augmentation) -> Tensor:
     """V' = [first, V]/divisor, ``[B, H, N, e + 1]``, zero at pads: one kernel call on it yields numerator
     (columns 1:) and denominator (column 0), as in linear attention (Katharopoulos et al. 2020)."""
+    return _augment(v, augmentation)[0]
+
+
+def _augment(v: Tensor, augmentation: Augmentation) -> tuple[Tensor, Tensor | None]:
+    """V' and the factor on its rows: 1/divisor, and 0 at pads (None: neither). A multiply, not a select: V
+    is already zero at pads (selected, so no NaN), and one multiply is a third of a division and a select."""
     first, divisor, mask = augmentation
-    return _scaled_rows(v, first, _row_factor(divisor, mask, v.dtype))
-
-
-def _scaled_rows(v: Tensor, first: Tensor, factor: Tensor | None) -> Tensor:
-    """[first, V]·factor (None: no scaling)."""
-    v_aug = torch.cat([first.expand(*v.shape[:-1], 1).to(v.dtype), v], dim=-1)
-    return v_aug if factor is None else v_aug * factor
-
-
-def _row_factor(divisor: Tensor | None, mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """What multiplies V''s rows: 1/divisor, and 0 at pads (None: neither). A multiply, not a select: V is
-    already zero at pads (selected, so no NaN), and one multiply is a third of a division and a select."""
-    factor = None if mask is None else mask[:, None, :, None].to(dtype)
+    factor = None if mask is None else mask[:, None, :, None].to(v.dtype)
     if divisor is not None:
         factor = 1 / divisor if factor is None else factor / divisor
-    return factor
+    v_aug = torch.cat([first.expand(*v.shape[:-1], 1).to(v.dtype), v], dim=-1)
+    return (v_aug if factor is None else v_aug * factor), factor
 
 
 def _denominator(out_aug: Tensor) -> tuple[Tensor, Tensor]:

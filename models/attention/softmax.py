@@ -31,24 +31,18 @@ _DISPATCH_NAMES = {
 }
 
 
-def _sdpa_mask(mask: Tensor | None, seq_len: int, causal: bool) -> tuple[Tensor | None, bool]:
-    """SDPA's boolean mask (True = attend) and is_causal flag; [B, 1, 1, N] keeps memory O(N)."""
-    if mask is None:
-        return None, causal
-    key_mask = mask[:, None, None, :]
-    if not causal:
-        return key_mask, False
-    # SDPA rejects attn_mask together with is_causal, so the causal padded case pays for an N x N mask.
-    tril = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
-    return key_mask & tril, False
-
-
 def softmax_attention(
     q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, causal: bool = False, dropout_p: float = 0.0
 ) -> Tensor:
     """Softmax attention by SDPA under the caller's backend context; ``mask`` ``[B, N]`` is True at real
     keys, ``dropout_p`` acts on the weights."""
-    attn_mask, is_causal = _sdpa_mask(mask, q.shape[2], causal)
+    attn_mask = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, N] keeps memory O(N)
+    if attn_mask is not None and causal:
+        # SDPA rejects attn_mask together with is_causal, so the causal padded case pays for an N x N mask.
+        attn_mask = (
+            attn_mask & torch.ones(q.shape[2], q.shape[2], dtype=torch.bool, device=mask.device).tril()
+        )
+    is_causal = causal and attn_mask is None
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal
     )

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 
 IMPLS = ("auto", "torch", "triton")
-_TRITON_MODULE = "models.attention.kernels.poly_triton"
 _triton_state: tuple[ModuleType | None, str] | None = None
 
 
@@ -36,9 +35,9 @@ def _load_triton_module() -> tuple[ModuleType | None, str]:
     except ImportError as err:
         return None, f"triton is not installed ({err})"
     try:
-        return importlib.import_module(_TRITON_MODULE), ""
+        return importlib.import_module("models.attention.kernels.poly_triton"), ""
     except ImportError as err:
-        return None, f"the kernel module {_TRITON_MODULE} cannot be imported ({err})"
+        return None, f"the kernel module poly_triton cannot be imported ({err})"
 
 
 def select_impl(impl: str, q: Tensor, causal: bool = False, torch_only: str | None = None) -> str:
@@ -53,7 +52,7 @@ def select_impl(impl: str, q: Tensor, causal: bool = False, torch_only: str | No
     if impl == "torch" or (impl == "auto" and not q.is_cuda):
         return "torch"
     module, why = triton_module()
-    if torch_only is None and causal and module is not None and not getattr(module, "SUPPORTS_CAUSAL", False):
+    if torch_only is None and causal and module is not None and not module.SUPPORTS_CAUSAL:
         torch_only = "causal attention (the kernel module does not set SUPPORTS_CAUSAL = True)"
     if impl == "auto":
         return "triton" if module is not None and torch_only is None else "torch"
