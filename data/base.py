@@ -26,7 +26,6 @@ from data.cache import data_root as default_data_root
 from lra.errors import ConfigError, DataError, MissingDataError
 
 SPLITS = ("train", "val", "test")
-SHUFFLE_MODES = ("official", "full", "none")
 # Seeds the evaluation and training subsamples (max_eval_samples, max_train_samples), not the run seed.
 SUBSAMPLE_SEED = 0
 
@@ -41,6 +40,23 @@ def check_choice(key: str, value: Any, allowed: Iterable[Any]) -> None:
 def missing_data_error(task: str, path: Path, expected: str, how_to_get: str) -> MissingDataError:
     """The error for absent data: where we looked, what we expected there, and how to get it."""
     return MissingDataError(f"{task}: no data at {path}\n  expected: {expected}\n  to fix: {how_to_get}")
+
+
+def pad_ids(
+    docs: Sequence[Any], seq_len: int, to_ids: Callable[[Any], Sequence[int]], dtype: type = np.uint16
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each ``to_ids(doc)`` truncated to ``seq_len`` and right-padded with 0; also the lengths ``[N]``."""
+    ids = np.zeros((len(docs), seq_len), dtype=dtype)
+    lengths = np.zeros(len(docs), dtype=np.int32)
+    for row, doc in enumerate(docs):
+        tokens = to_ids(doc)[:seq_len]
+        ids[row, : len(tokens)] = tokens
+        lengths[row] = len(tokens)
+    return ids, lengths
+
+
+def take(arrays: Mapping[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {name: array[rows] for name, array in arrays.items()}
 
 
 def map_in_processes(
@@ -196,7 +212,7 @@ class LRADataModule(L.LightningDataModule):
         data_root: str | None = None,
     ) -> None:
         super().__init__()
-        check_choice("shuffle", shuffle, SHUFFLE_MODES)
+        check_choice("shuffle", shuffle, ("official", "full", "none"))
         check_choice("shuffle_unit", shuffle_unit, ("example", "batch"))
         self.seq_len = seq_len
         self.batch_size = batch_size
@@ -215,7 +231,7 @@ class LRADataModule(L.LightningDataModule):
     # What a task provides.
     @property
     def source(self) -> str:
-        """Where the data came from: ``release``, ``parquet``, ``hf`` or ``generated``."""
+        """``release``, ``parquet``, ``hf`` or ``generated``."""
         raise NotImplementedError
 
     def cache_params(self) -> dict[str, Any]:
@@ -223,7 +239,7 @@ class LRADataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def build_arrays(self) -> ArraySplits:
-        """Read or generate the data and return ``{split: arrays}`` for train, val and test."""
+        """``{split: arrays}`` for train, val and test, read or generated."""
         raise NotImplementedError
 
     # Shared machinery.

@@ -22,7 +22,6 @@ ArraySplits = dict[str, dict[str, np.ndarray]]
 
 
 def data_root() -> Path:
-    """``$LRA_DATA_DIR``, default ``~/.cache/lra``."""
     return Path(os.environ.get(DATA_DIR_ENV) or Path.home() / ".cache" / "lra").expanduser()
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from data.base import LRADataModule, check_choice, map_in_processes
+from data.base import check_choice, map_in_processes, take
 from data.cache import ArraySplits
 from data.sources import SHARED_DATA, LocatedSource
 from lra.errors import ConfigError, DataError
@@ -94,7 +94,7 @@ def read_cifar_release(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray
     return rgb_to_gray(np.ascontiguousarray(rgb)).reshape(-1, SEQ_LEN), np.concatenate(labels)
 
 
-class ImageDataModule(LocatedSource, LRADataModule):
+class ImageDataModule(LocatedSource):
     """Grayscale CIFAR-10 from local parquet files, the Hugging Face hub, or the official CIFAR-10 batches.
 
     Args:
@@ -135,14 +135,13 @@ class ImageDataModule(LocatedSource, LRADataModule):
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("seq_len", SEQ_LEN)
-        super().__init__(**kwargs)
+        super().__init__(data_dir, source, hub_name, **kwargs)
         if self.seq_len != SEQ_LEN:
             raise ConfigError(
                 f"data.seq_len={self.seq_len}: CIFAR-10 images are {SIDE}x{SIDE} = {SEQ_LEN} "
                 f"pixels; leave seq_len at {SEQ_LEN}"
             )
         check_choice("val_split", val_split, VAL_SPLITS)
-        self.set_source(data_dir, source, hub_name)
         self.val_split = val_split
         self.split_seed = split_seed
         self.num_proc = max(1, min(num_proc, os.cpu_count() or 1))
@@ -183,12 +182,7 @@ class ImageDataModule(LocatedSource, LRADataModule):
         }
         train, num_train = arrays["train"], len(arrays["train"]["labels"])
         num_val = round(num_train * NUM_VAL / self.official_sizes["train"])
-        seeded = self.val_split == "seeded"
-        order = (
-            np.random.default_rng(self.split_seed).permutation(num_train) if seeded else np.arange(num_train)
-        )
-        return {
-            "train": {name: array[order[: num_train - num_val]] for name, array in train.items()},
-            "val": {name: array[order[num_train - num_val :]] for name, array in train.items()},
-            "test": arrays["test"],
-        }
+        rng = np.random.default_rng(self.split_seed)
+        order = rng.permutation(num_train) if self.val_split == "seeded" else np.arange(num_train)
+        cut = num_train - num_val
+        return {"train": take(train, order[:cut]), "val": take(train, order[cut:]), "test": arrays["test"]}

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from data.base import LRADataModule, missing_data_error
+from data.base import LRADataModule, missing_data_error, pad_ids
 from data.cache import ArraySplits, atomic_directory, params_key
 from lra.errors import DataError
 
@@ -121,13 +121,7 @@ def tokenize(source: str) -> list[int]:
 
 
 def encode(examples: list[tuple[str, int]], seq_len: int) -> dict[str, np.ndarray]:
-    """Truncate to ``seq_len`` and right-pad with 0."""
-    ids = np.zeros((len(examples), seq_len), dtype=np.uint8)
-    lengths = np.zeros(len(examples), dtype=np.int32)
-    for row, (source, _) in enumerate(examples):
-        tokens = tokenize(source)[:seq_len]
-        ids[row, : len(tokens)] = tokens
-        lengths[row] = len(tokens)
+    ids, lengths = pad_ids([source for source, _ in examples], seq_len, tokenize, np.uint8)
     labels = np.array([target for _, target in examples], dtype=np.int64)
     return {"input_ids": ids, "lengths": lengths, "labels": labels}
 

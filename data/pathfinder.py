@@ -195,11 +195,7 @@ class PathfinderDataModule(LRADataModule):
         self.data_dir = Path(data_dir).expanduser() if data_dir else None
         self.resolution = resolution
         self.difficulty = difficulty
-        self.generator = {
-            "num_images": num_images,
-            "images_per_batch": images_per_batch,
-            "seed": generator_seed,
-        }
+        self.generator = dict(num_images=num_images, images_per_batch=images_per_batch, seed=generator_seed)
         self.workers = workers
         self.split = split
         self.split_seed = split_seed
@@ -218,25 +214,22 @@ class PathfinderDataModule(LRADataModule):
 
     def difficulty_dirs(self) -> list[Path]:
         """The difficulty folders to read, generating them first when ``data_dir`` is None."""
+        names = list(DIFFICULTIES) if self.difficulty == "all" else [self.difficulty]
         if self.data_dir is None:
             from data.pathfinder_generator import generated_pathfinder_dir
 
-            difficulties = DIFFICULTIES if self.difficulty == "all" else [self.difficulty]
             return [
-                generated_pathfinder_dir(
-                    self.root, self.resolution, name, workers=self.workers, **self.generator
-                )
-                for name in difficulties
+                generated_pathfinder_dir(self.root, self.resolution, name, self.workers, **self.generator)
+                for name in names
             ]
         if not self.data_dir.is_dir():
             raise missing_data_error(self.task_name, self.data_dir, RELEASE_LAYOUT, HOW_TO_GET_RELEASE)
         if self.difficulty == "all":
-            return [self.data_dir / DIFFICULTY_DIRS[difficulty] for difficulty in DIFFICULTIES]
+            return [self.data_dir / DIFFICULTY_DIRS[name] for name in names]
         return [self.data_dir]
 
     def build_arrays(self) -> ArraySplits:
-        paths: list[Path] = []
-        labels: list[int] = []
+        paths, labels = [], []
         for folder in self.difficulty_dirs():
             folder_paths, folder_labels = list_examples(folder, self.task_name)
             paths += folder_paths

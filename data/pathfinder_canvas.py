@@ -3,7 +3,7 @@
 Points are complex numbers ``x + iy`` in output pixels (x right, y down). A paddle is the centre-line segment
 from ``origin + a * unit`` to ``origin + b * unit`` for a unit complex direction. The generator
 (``data/pathfinder_generator.py``) decides what to draw; this module holds the clearance rules, the growth of
-one path, the antialiased render and the connectivity check that verifies each label on the pixels.
+paths, the antialiased render and the connectivity check that verifies each label on the pixels.
 """
 
 from __future__ import annotations
@@ -69,18 +69,33 @@ def pick(rng: np.random.Generator, values: Sequence[float]) -> float:
     return float(values[int(rng.integers(len(values)))]) if len(values) > 1 else float(values[0])
 
 
+@dataclass
+class PaddlePath:
+    owner: int
+    tail: complex  # the free end of the first paddle (the "origin tip")
+    head: complex  # the free end of the latest paddle (the "terminal tip")
+    pivot: complex  # the joint the next paddle turns around
+    unit: complex  # direction of the latest paddle
+    contrast: float
+    last: int  # scene index of the latest paddle
+
+
 class Scene:
-    """The paddles placed so far and the clearance rule for new ones.
+    """The paddles placed so far, the clearance rule for new ones, and the growth of paths.
 
     Any two paddles keep ``2 * margin`` edge to edge (centre lines ``thickness + 2 * margin`` apart), except
     consecutive paddles of one path. A target path also keeps ``extra_clearance`` more from the other target,
     from distractors and from the markers, so that no other path can join it in the pixel check. Placed
     paddles are kept as points every ``1 / 4`` pixel along their centre lines (the distances are then exact
     to a few thousandths of a pixel); a marker is one point with a radius.
+
+    Paths grow paddle by paddle: a paddle of length L lies between ``margin`` and ``L + margin`` from its
+    pivot and the next pivot is ``margin`` beyond it, so consecutive paddles are ``<= 2 * margin`` apart. The
+    turn is drawn with weight ``cos(min(|turn| * continuity, pi/2)) ** 2`` among the turns that fit.
     """
 
-    def __init__(self, params: PathfinderParams, margin: float) -> None:
-        self.params = params
+    def __init__(self, params: PathfinderParams, margin: float, rng: np.random.Generator) -> None:
+        self.params, self.margin, self.rng = params, margin, rng
         self.along = np.linspace(0.0, 1.0, math.ceil(params.paddle_length * 4) + 1)
         paddles = 2 * params.contour_length + params.num_distractor_snakes * params.distractor_length
         capacity = paddles * len(self.along) + 2
@@ -90,18 +105,20 @@ class Scene:
         self.point_tight_sq = np.zeros(capacity)  # squared clearance from a point, rim included
         self.point_wide_sq = np.zeros(capacity)
         self.num_points = 0
-        self.starts = np.zeros(paddles, dtype=np.complex128)
-        self.ends = np.zeros(paddles, dtype=np.complex128)
-        self.owner = np.zeros(paddles, dtype=np.int64)
-        self.intensity = np.zeros(paddles)
-        self.count = 0
-        self.discs: list[tuple[float, float, float]] = []
+        self.paddles: list[tuple[complex, complex, int, float]] = []  # start, end, owner, intensity
+        self.discs: list[tuple[float, float, float]] = []  # x, y, radius
         self.tight = params.paddle_thickness + 2 * margin
         self.wide = self.tight + params.extra_clearance
         self.low = params.padding + params.paddle_thickness / 2
         self.high = params.resolution - self.low
         # Placed points farther than this from a turning pivot cannot touch any of its candidates.
         self.horizon_sq = (params.paddle_length + margin + self.wide + params.marker_radius) ** 2
+        # Candidate turns: about one render pixel of arc between neighbouring candidate heads.
+        count = max(16, math.ceil(2 * math.pi * (params.paddle_length + margin) * params.antialias_scale))
+        turns = (np.arange(count) - count // 2) * (2 * math.pi / count)
+        weights = np.cos(np.minimum(np.abs(turns) * params.continuity, math.pi / 2)) ** 2
+        keep = weights > 1e-6
+        self.turn_units, self.turn_weights = np.exp(1j * turns[keep]), weights[keep]
 
     def _append(self, points: np.ndarray, owner: int, paddle: int, radius: float) -> None:
         end = self.num_points + len(points)
@@ -113,12 +130,9 @@ class Scene:
         self.num_points = end
 
     def add(self, start: complex, end: complex, owner: int, intensity: float) -> int:
-        index = self.count
-        self.starts[index], self.ends[index] = start, end
-        self.owner[index], self.intensity[index] = owner, intensity
-        self._append(start + self.along * (end - start), owner, index, 0.0)
-        self.count += 1
-        return index
+        self.paddles.append((start, end, owner, intensity))
+        self._append(start + self.along * (end - start), owner, len(self.paddles) - 1, 0.0)
+        return len(self.paddles) - 1
 
     def add_disc(self, centre: complex, radius: float) -> None:
         """A marker: later paddles keep the wide clearance from its rim."""
@@ -126,19 +140,15 @@ class Scene:
         self._append(np.array([centre]), MARKER, -1, radius - self.params.paddle_thickness / 2)
 
     def paddles_of(self, owner: int) -> tuple[np.ndarray, np.ndarray]:
-        mine = self.owner[: self.count] == owner
-        return self.starts[: self.count][mine], self.ends[: self.count][mine]
-
-    def segments(self) -> np.ndarray:
-        """The placed paddles' centre lines as ``[count, 4]`` rows ``x0, y0, x1, y1``."""
-        starts, ends = self.starts[: self.count], self.ends[: self.count]
-        return np.stack([starts.real, starts.imag, ends.real, ends.imag], axis=1)
+        mine = [(start, end) for start, end, paddle_owner, _ in self.paddles if paddle_owner == owner]
+        return np.array([start for start, _ in mine]), np.array([end for _, end in mine])
 
     def snapshot(self) -> tuple[int, int]:
-        return self.count, self.num_points
+        return len(self.paddles), self.num_points
 
     def restore(self, state: tuple[int, int]) -> None:
-        self.count, self.num_points = state
+        del self.paddles[state[0] :]
+        self.num_points = state[1]
 
     def _need_sq(self, close: np.ndarray, owner: int) -> np.ndarray:
         """Squared clearances between path ``owner`` and the placed points ``close``: wide where a target
@@ -149,12 +159,8 @@ class Scene:
         return np.where(other_owner < 2, self.point_wide_sq[close], self.point_tight_sq[close])
 
     def _inside(self, points: np.ndarray) -> np.ndarray:
-        return (
-            (points.real >= self.low)
-            & (points.real <= self.high)
-            & (points.imag >= self.low)
-            & (points.imag <= self.high)
-        )
+        low, high = np.minimum(points.real, points.imag), np.maximum(points.real, points.imag)
+        return (low >= self.low) & (high <= self.high)
 
     def fits(self, origins: np.ndarray, unit: complex, length: float, owner: int) -> np.ndarray:
         """Which first paddles ``origins[k] + [0, length] * unit`` of path ``owner`` fit: inside the
@@ -182,48 +188,19 @@ class Scene:
         dist_sq = distance_sq(self.points[close], np.full(units.shape, pivot), units, a, b)
         return ok & (dist_sq >= need_sq).all(axis=1)
 
-
-@dataclass
-class PaddlePath:
-    owner: int
-    tail: complex  # the free end of the first paddle (the "origin tip")
-    head: complex  # the free end of the latest paddle (the "terminal tip")
-    pivot: complex  # the joint the next paddle turns around
-    unit: complex  # direction of the latest paddle
-    contrast: float
-    last: int  # scene index of the latest paddle
-
-
-class Grower:
-    """Draws paths paddle by paddle: a paddle of length L lies between ``margin`` and ``L + margin`` from
-    its pivot and the next pivot is ``margin`` beyond it, so consecutive paddles are ``<= 2 * margin`` apart.
-    The turn is drawn with weight ``cos(min(|turn| * continuity, pi/2)) ** 2`` among the turns that fit."""
-
-    def __init__(
-        self, params: PathfinderParams, margin: float, scene: Scene, rng: np.random.Generator
-    ) -> None:
-        self.params, self.margin, self.scene, self.rng = params, margin, scene, rng
-        reach = params.paddle_length + margin
-        # About one render pixel of arc between neighbouring candidate heads.
-        count = max(16, math.ceil(2 * math.pi * reach * params.antialias_scale))
-        turns = (np.arange(count) - count // 2) * (2 * math.pi / count)
-        weights = np.cos(np.minimum(np.abs(turns) * params.continuity, math.pi / 2)) ** 2
-        keep = weights > 1e-6
-        self.turn_units, self.turn_weights = np.exp(1j * turns[keep]), weights[keep]
-
     def _paddle_intensity(self, contrast: float) -> float:
         return contrast * pick(self.rng, self.params.paddle_contrasts)
 
     def start(self, tail: complex, unit: complex, owner: int, contrast: float) -> PaddlePath:
         head = tail + self.params.paddle_length * unit
-        index = self.scene.add(tail, head, owner, self._paddle_intensity(contrast))
+        index = self.add(tail, head, owner, self._paddle_intensity(contrast))
         return PaddlePath(owner, tail, head, head + self.margin * unit, unit, contrast, index)
 
     def extend(self, path: PaddlePath) -> bool:
         """Add one paddle to ``path``; False when no turn fits."""
         units = path.unit * self.turn_units
         a, b = self.margin, self.margin + self.params.paddle_length
-        weights = self.turn_weights * self.scene.turns_fit(path.pivot, units, a, b, path.owner, path.last)
+        weights = self.turn_weights * self.turns_fit(path.pivot, units, a, b, path.owner, path.last)
         total = weights.sum()
         if total <= 0:
             return False
@@ -233,26 +210,21 @@ class Grower:
         )
         unit = complex(units[choice])
         start, end = path.pivot + a * unit, path.pivot + b * unit
-        path.last = self.scene.add(start, end, path.owner, self._paddle_intensity(path.contrast))
+        path.last = self.add(start, end, path.owner, self._paddle_intensity(path.contrast))
         path.unit, path.head, path.pivot = unit, end, end + self.margin * unit
         return True
 
 
-def paint(
-    params: PathfinderParams,
-    segments: np.ndarray,
-    intensities: np.ndarray,
-    discs: Sequence[tuple[float, float, float]],
-) -> np.ndarray:
-    """The antialiasing canvas ``[res * scale] ** 2``: paddles (``[S, 4]`` centre lines in output pixels, with
-    ``intensities``) and ``(x, y, radius)`` marker discs as box-filtered coverage at ``antialias_scale``x;
-    overlapping strokes take the maximum."""
+def paint(scene: Scene) -> np.ndarray:
+    """The antialiasing canvas ``[res * scale] ** 2``: the scene's paddles and marker discs as box-filtered
+    coverage at ``antialias_scale``x; overlapping strokes take the maximum."""
+    params = scene.params
     scale = params.antialias_scale
     size = params.resolution * scale
     canvas = np.zeros((size, size))
     half = params.paddle_thickness * scale / 2
-    for segment, intensity in zip(segments * scale, intensities, strict=True):
-        p0, p1 = segment[:2], segment[2:]
+    for start, end, _, intensity in scene.paddles:
+        p0, p1 = np.array([start.real, start.imag]) * scale, np.array([end.real, end.imag]) * scale
         x0, y0 = np.floor(np.minimum(p0, p1) - half - 1).astype(int).clip(0, size)
         x1, y1 = np.ceil(np.maximum(p0, p1) + half + 1).astype(int).clip(0, size)
         ys, xs = np.mgrid[y0:y1, x0:x1] + 0.5
@@ -262,7 +234,7 @@ def paint(
         across = np.abs((xs - p0[0]) * uy - (ys - p0[1]) * ux)
         cover = np.clip(half + 0.5 - across, 0, 1) * np.clip(np.minimum(along, length - along) + 0.5, 0, 1)
         np.maximum(canvas[y0:y1, x0:x1], intensity * cover, out=canvas[y0:y1, x0:x1])
-    for x, y, radius in discs:
+    for x, y, radius in scene.discs:
         cx, cy, r = x * scale, y * scale, radius * scale
         x0, y0 = max(0, int(cx - r - 1)), max(0, int(cy - r - 1))
         x1, y1 = min(size, math.ceil(cx + r + 1)), min(size, math.ceil(cy + r + 1))
@@ -280,20 +252,19 @@ def downsample(canvas: np.ndarray, resolution: int) -> np.ndarray:
     return np.round((pixels - low) * (255.0 / max(high - low, 1e-12))).astype(np.uint8)
 
 
-def _disc(radius: float) -> np.ndarray:
-    reach = math.floor(radius)
-    ys, xs = np.mgrid[-reach : reach + 1, -reach : reach + 1]
-    return xs * xs + ys * ys <= radius * radius
-
-
 def markers_connected(
-    canvas: np.ndarray, markers: Sequence[tuple[float, float]], scale: int, threshold: float, bridge: float
+    params: PathfinderParams, canvas: np.ndarray, markers: Sequence[tuple[float, float]], margin: float
 ) -> bool:
     """Whether the two markers (``(x, y)`` centres in output pixels) are joined in the canvas, counting gaps
-    up to ``bridge`` as joined: the pixels ``>= threshold`` are grown by ``bridge / 2`` and labelled with
-    8-connectivity, and the markers are joined when their centres fall in one component."""
-    ink = canvas >= threshold
-    grown = ndimage.binary_dilation(ink, structure=_disc(bridge * scale / 2)) if bridge > 0 else ink
+    up to ``2 * margin + check_slack`` as joined: the pixels ``>= check_threshold`` are grown by half that
+    and labelled with 8-connectivity, and the markers are joined when their centres fall in one component."""
+    scale = params.antialias_scale
+    radius = (2 * margin + params.check_slack) * scale / 2
+    reach = math.floor(radius)
+    ys, xs = np.mgrid[-reach : reach + 1, -reach : reach + 1]
+    grown = ndimage.binary_dilation(
+        canvas >= params.check_threshold, structure=xs * xs + ys * ys <= radius * radius
+    )
     labels, _ = ndimage.label(grown, structure=np.ones((3, 3)))
     (ax, ay), (bx, by) = markers
     first, second = labels[int(ay * scale), int(ax * scale)], labels[int(by * scale), int(bx * scale)]

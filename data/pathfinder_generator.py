@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import namedtuple
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,6 @@ from data.base import map_in_processes
 from data.cache import atomic_directory, params_key
 from data.pathfinder import DIFFICULTIES, DIFFICULTY_DIRS, write_metadata
 from data.pathfinder_canvas import (
-    Grower,
     PaddlePath,
     PathfinderParams,
     Scene,
@@ -49,21 +49,15 @@ GENERATOR_VERSION = 1
 
 # The released settings of the hard split at each resolution; ``budget`` sets the distractor count. Every
 # resolution also uses padding 1 and 2x antialiasing.
-_STYLE_FIELDS = (
-    "paddle_length",
-    "paddle_thickness",
-    "paddle_margins",
-    "marker_radius",
-    "seed_distance",
-    "continuity",
-    "snake_contrasts",
-    "paddle_contrasts",
-    "budget",
+_Style = namedtuple(
+    "_Style",
+    "paddle_length paddle_thickness paddle_margins marker_radius seed_distance continuity snake_contrasts "
+    "paddle_contrasts budget",
 )
 _STYLES = {
-    32: (2, 0.5, (1,), 1.5, 7, 1.0, (2.0,), (0.75,), 20),
-    64: (5, 1, (1,), 2.5, 12, 1.8, (0.8,), (1.0,), 22),
-    128: (5, 1.5, (2, 3), 3, 20, 1.8, (0.9,), (1.0,), 35),
+    32: _Style(2, 0.5, (1,), 1.5, 7, 1.0, (2.0,), (0.75,), 20),
+    64: _Style(5, 1, (1,), 2.5, 12, 1.8, (0.8,), (1.0,), 22),
+    128: _Style(5, 1.5, (2, 3), 3, 20, 1.8, (0.9,), (1.0,), 35),
 }
 
 
@@ -71,9 +65,7 @@ def pathfinder_params(resolution: int = 32, difficulty: str = "hard", **override
     """The released settings for ``resolution`` (32, 64, 128) and ``difficulty`` (easy/intermediate/hard)."""
     if resolution not in _STYLES:
         raise ConfigError(f"pathfinder resolution {resolution} is not one of {sorted(_STYLES)}")
-    if difficulty not in DIFFICULTIES:
-        raise ConfigError(f"pathfinder difficulty {difficulty!r} is not one of {sorted(DIFFICULTIES)}")
-    style = dict(zip(_STYLE_FIELDS, _STYLES[resolution], strict=True))
+    style = _STYLES[resolution]._asdict()
     budget = style.pop("budget")
     length = DIFFICULTIES[difficulty]
     distractors = budget // (length // 3) if resolution == 32 else math.ceil(budget / (length / 3))
@@ -89,11 +81,9 @@ def pathfinder_params(resolution: int = 32, difficulty: str = "hard", **override
     return PathfinderParams(**(params | overrides))
 
 
-def _draw_targets(
-    params: PathfinderParams, grower: Grower, scene: Scene
-) -> tuple[PaddlePath, PaddlePath] | None:
+def _draw_targets(params: PathfinderParams, scene: Scene) -> tuple[PaddlePath, PaddlePath] | None:
     """Two target paths from seeds ``seed_distance`` apart near the centre, grown alternately."""
-    rng, res, distance = grower.rng, params.resolution, params.seed_distance
+    rng, res, distance = scene.rng, params.resolution, params.seed_distance
     low, high = 2 * distance, res - 2 * distance
     x, y = rng.uniform(low, high, size=2) if high > low else (res / 2, res / 2)
     first = complex(x, y)
@@ -103,10 +93,10 @@ def _draw_targets(
         unit = random_unit(rng)
         if not scene.fits(np.array([tail]), unit, params.paddle_length, owner)[0]:
             return None
-        paths.append(grower.start(tail, unit, owner, pick(rng, params.snake_contrasts)))
+        paths.append(scene.start(tail, unit, owner, pick(rng, params.snake_contrasts)))
     a, b = paths
     for _ in range(params.contour_length - 1):
-        if not (grower.extend(a) and grower.extend(b)):
+        if not (scene.extend(a) and scene.extend(b)):
             return None
     return a, b
 
@@ -126,9 +116,9 @@ def _markers_clear(params: PathfinderParams, scene: Scene, markers: Sequence[tup
     return abs(first - second) >= 2 * radius + scene.wide - params.paddle_thickness
 
 
-def _draw_distractor(params: PathfinderParams, grower: Grower, scene: Scene, owner: int) -> bool:
+def _draw_distractor(params: PathfinderParams, scene: Scene, owner: int) -> bool:
     """One short path from a uniformly drawn free place, or False after ``distractor_trials`` tries."""
-    rng = grower.rng
+    rng = scene.rng
     for _ in range(params.distractor_trials):
         unit = random_unit(rng)
         coords = rng.uniform(params.padding, params.resolution - params.padding, size=(64, 2))
@@ -137,8 +127,8 @@ def _draw_distractor(params: PathfinderParams, grower: Grower, scene: Scene, own
         if not len(fits):
             continue
         state = scene.snapshot()
-        path = grower.start(complex(tails[fits[0]]), unit, owner, pick(rng, params.snake_contrasts))
-        if all(grower.extend(path) for _ in range(params.distractor_length - 1)):
+        path = scene.start(complex(tails[fits[0]]), unit, owner, pick(rng, params.snake_contrasts))
+        if all(scene.extend(path) for _ in range(params.distractor_length - 1)):
             return True
         scene.restore(state)
     return False
@@ -164,9 +154,8 @@ def draw_image(params: PathfinderParams, rng: np.random.Generator, label: int) -
     """One attempt at an image with ``label``, not yet verified; None when the target paths did not fit
     (the caller redraws, as the upstream generator does)."""
     margin = pick(rng, params.paddle_margins)
-    scene = Scene(params, margin)
-    grower = Grower(params, margin, scene, rng)
-    targets = _draw_targets(params, grower, scene)
+    scene = Scene(params, margin, rng)
+    targets = _draw_targets(params, scene)
     if targets is None:
         return None
     origin = int(rng.integers(2))
@@ -177,8 +166,8 @@ def draw_image(params: PathfinderParams, rng: np.random.Generator, label: int) -
     for centre, _ in markers:
         scene.add_disc(centre, params.marker_radius)
     for owner in range(2, 2 + params.num_distractor_snakes):
-        _draw_distractor(params, grower, scene, owner)
-    canvas = paint(params, scene.segments(), scene.intensity[: scene.count], scene.discs)
+        _draw_distractor(params, scene, owner)
+    canvas = paint(scene)
     centres = tuple((centre.real, centre.imag) for centre, _ in markers)
     return Sample(downsample(canvas, params.resolution), canvas, label, centres, margin)
 
@@ -188,13 +177,7 @@ def generate_sample(params: PathfinderParams, rng: np.random.Generator) -> Sampl
     label = int(rng.integers(2))
     for _ in range(params.max_attempts):
         sample = draw_image(params, rng, label)
-        if sample is not None and markers_connected(
-            sample.canvas,
-            sample.markers,
-            params.antialias_scale,
-            params.check_threshold,
-            2 * sample.margin + params.check_slack,
-        ) == bool(label):
+        if sample and markers_connected(params, sample.canvas, sample.markers, sample.margin) == bool(label):
             return sample
     raise RuntimeError(
         f"pathfinder generator: no valid image after {params.max_attempts} attempts at "
@@ -242,44 +225,32 @@ def write_pathfinder(
             f"num_images ({num_images}) and images_per_batch ({images_per_batch}) must be positive"
         )
     jobs = [(params, seed, *divmod(i, images_per_batch), str(folder)) for i in range(num_images)]
-    rows_by_batch: dict[int, list[list[str]]] = {}
+    rows: list[list[str]] = []
     started, report = time.time(), max(1, num_images // 20)
-    rows = map_in_processes(_generate_image, jobs, workers, chunk)
-    for done, (job, row) in enumerate(zip(jobs, rows, strict=True), 1):
-        rows_by_batch.setdefault(job[2], []).append(row)
+    for done, row in enumerate(map_in_processes(_generate_image, jobs, workers, chunk), 1):
+        rows.append(row)
         if done % report == 0 or done == num_images:
             elapsed = time.time() - started
             left = elapsed / done * (num_images - done)
             log.info("pathfinder: %d/%d images (%.0f s, about %.0f s left)", done, num_images, elapsed, left)
-    for batch, batch_rows in rows_by_batch.items():
-        write_metadata(folder / "metadata" / f"{batch}.npy", batch_rows)
+    for batch, start in enumerate(range(0, num_images, images_per_batch)):
+        write_metadata(folder / "metadata" / f"{batch}.npy", rows[start : start + images_per_batch])
 
 
 def generated_pathfinder_dir(
-    root: Path,
-    resolution: int,
-    difficulty: str,
-    num_images: int,
-    images_per_batch: int = 1000,
-    seed: int = 0,
-    workers: int | None = None,
+    root: Path, resolution: int, difficulty: str, workers: int | None, **generator: int
 ) -> Path:
-    """Generate (once) a difficulty folder under ``root/pathfinder/generated-<key>`` and return its path."""
+    """Generate (once) a difficulty folder under ``root/pathfinder/generated-<key>`` and return its path;
+    ``generator``: the ``num_images``, ``images_per_batch`` and ``seed`` of ``write_pathfinder``."""
     params = pathfinder_params(resolution, difficulty)
-    settings = {
-        "params": asdict(params),
-        "num_images": num_images,
-        "images_per_batch": images_per_batch,
-        "seed": seed,
-    }
+    settings = {"params": asdict(params), **generator}
     base = root / "pathfinder" / f"generated-{params_key({'version': GENERATOR_VERSION, **settings})}"
     relative = Path(f"pathfinder{resolution}") / DIFFICULTY_DIRS[difficulty]
 
     def build(tmp: Path) -> None:
-        log.info(
-            "pathfinder: generating %d images at %dpx (%s) into %s", num_images, resolution, difficulty, base
-        )
-        write_pathfinder(tmp / relative, params, num_images, images_per_batch, seed, workers)
+        count = generator["num_images"]
+        log.info("pathfinder: generating %d images at %dpx (%s) into %s", count, resolution, difficulty, base)
+        write_pathfinder(tmp / relative, params, workers=workers, **generator)
         (tmp / "PARAMS").write_text(repr(settings) + "\n")
 
     return atomic_directory(base, build) / relative

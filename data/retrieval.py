@@ -36,9 +36,7 @@ def read_aan_tsv(path: Path, keep_bytes: int = MAX_DOC_BYTES) -> tuple[list[byte
     """``(text1, text2, labels [N] int64)`` of one AAN pairs file, each text cut to ``keep_bytes`` (at most
     the official 10,000); lines are split on tab only, as in the file. A malformed line raises naming it."""
     keep = min(keep_bytes, MAX_DOC_BYTES)
-    texts1: list[bytes] = []
-    texts2: list[bytes] = []
-    labels: list[int] = []
+    texts1, texts2, labels = [], [], []
     with open(path, "rb") as handle:
         for line_number, line in enumerate(handle, start=1):
             line = line.rstrip(b"\n").removesuffix(b"\r")

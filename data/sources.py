@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from data.base import check_choice, missing_data_error
+from data.base import LRADataModule, check_choice, missing_data_error
 from data.cache import ensure_writable
 from lra.errors import DataError
 
@@ -100,30 +100,27 @@ def unreadable_parquet_error(paths: list[str], err: Exception) -> DataError:
     return DataError(f"reading the parquet files {', '.join(paths)} failed ({type(err).__name__}: {err})")
 
 
-class LocatedSource:
-    """Mixin for Text and Image: where their data comes from, decided on first use so that building the
+class LocatedSource(LRADataModule):
+    """Base of Text and Image: where their data comes from, decided on first use so that building the
     module never needs the data.
 
     A subclass names its project copy (``default_dir``), recognises the dataset's own layout
-    (``is_release``) and words the missing-data error (``expected``, ``how_to_get``); its constructor calls
-    ``set_source``.
+    (``is_release``) and words the missing-data error (``expected``, ``how_to_get``).
     """
 
-    task_name: str
     default_dir: Path
     expected: str
     how_to_get: str
-    root: Path
-    check_sizes: Callable[[dict[str, int]], None]
+
+    def __init__(self, data_dir: str | None, source: str, hub_name: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
+        self.requested_source = source
+        self.hub_name = hub_name
 
     @staticmethod
     def is_release(folder: Path) -> bool:
         raise NotImplementedError
-
-    def set_source(self, data_dir: str | None, source: str, hub_name: str) -> None:
-        self.data_dir = Path(data_dir).expanduser().resolve() if data_dir else None
-        self.requested_source = source
-        self.hub_name = hub_name
 
     @cached_property
     def located(self) -> tuple[str, Path | None]:

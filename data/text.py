@@ -9,13 +9,13 @@ officially).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data.base import LRADataModule, check_choice
+from data.base import check_choice, pad_ids, take
 from data.cache import ArraySplits
 from data.sources import SHARED_DATA, LocatedSource
 
@@ -32,27 +32,9 @@ CHAR_OOV_ID = BYTE_VOCAB - 1
 
 def strip_review(raw: bytes, mode: str) -> bytes:
     """``ascii``: strip ASCII whitespace from the bytes (TFDS); ``unicode``: ``str.strip()``; ``none``."""
-    check_choice("strip", mode, STRIP_MODES)
     if mode == "ascii":
         return raw.strip()  # bytes.strip() removes only b" \t\n\r\x0b\x0c"
     return raw.decode("utf-8").strip().encode("utf-8") if mode == "unicode" else raw
-
-
-def pad_ids(
-    docs: Sequence[bytes], seq_len: int, to_ids: Callable[[bytes], np.ndarray], chunk: int = 8192
-) -> tuple[np.ndarray, np.ndarray]:
-    """``to_ids(doc)`` truncated to ``seq_len`` and right-padded with 0: ids ``[N, seq_len]`` uint16, lengths
-    ``[N]`` int32. Rows are filled ``chunk`` at a time so that temporaries stay small next to the result
-    (Retrieval's 147k x 4000 ids take 1.2 GB)."""
-    ids = np.zeros((len(docs), seq_len), dtype=np.uint16)
-    lengths = np.zeros(len(docs), dtype=np.int32)
-    for start in range(0, len(docs), chunk):
-        rows = [to_ids(doc)[:seq_len] for doc in docs[start : start + chunk]]
-        stop = start + len(rows)
-        lengths[start:stop] = [len(row) for row in rows]
-        # A boolean mask assigns in row-major order, which is the order of the concatenation.
-        ids[start:stop][np.arange(seq_len) < lengths[start:stop, None]] = np.concatenate(rows)
-    return ids, lengths
 
 
 def encode_bytes(docs: Sequence[bytes], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -81,7 +63,7 @@ def read_aclimdb(folder: Path, split: str) -> tuple[list[bytes], np.ndarray]:
     return docs, np.array(labels, dtype=np.int64)
 
 
-class TextDataModule(LocatedSource, LRADataModule):
+class TextDataModule(LocatedSource):
     """Byte-level IMDb from local parquet files, the Hugging Face hub, or the original aclImdb folder.
 
     Args:
@@ -124,11 +106,10 @@ class TextDataModule(LocatedSource, LRADataModule):
         split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(**kwargs)
+        super().__init__(data_dir, source, hub_name, **kwargs)
         check_choice("unit", unit, UNITS)
         check_choice("strip", strip, STRIP_MODES)
         check_choice("val_split", val_split, VAL_SPLITS)
-        self.set_source(data_dir, source, hub_name)
         self.unit = unit
         self.strip = strip
         self.val_split = val_split
@@ -164,6 +145,5 @@ class TextDataModule(LocatedSource, LRADataModule):
         order = np.random.default_rng(self.split_seed).permutation(len(train["labels"]))
         holdout = self.val_split == "train_holdout"
         num_val = round(len(order) * HOLDOUT_FRACTION) if holdout else 0
-        rows = {"train": order[num_val:], "val": order[:num_val]}
-        splits = {split: {name: array[r] for name, array in train.items()} for split, r in rows.items()}
-        return {"train": splits["train"], "val": splits["val"] if holdout else test, "test": test}
+        val = take(train, order[:num_val]) if holdout else test
+        return {"train": take(train, order[num_val:]), "val": val, "test": test}
