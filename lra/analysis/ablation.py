@@ -16,6 +16,7 @@ Writes ``ablation.md`` and ``ablation_training.png`` to ``--out`` (default ``out
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -99,17 +100,14 @@ def emulated_efficient(q: Tensor, k: Tensor, v: Tensor, scheme: str, dtype: torc
     return (out[..., 1:] / out[..., :1]).double()
 
 
-def module_output(q: Tensor, k: Tensor, v: Tensor, scheme: str, dtype: torch.dtype) -> Tensor | None:
-    """The registered module itself on inputs in ``dtype`` (its states accumulate in fp32), or None when the
-    scheme is not a module configuration (the 1/N switch exists only in the emulation)."""
-    if scheme not in ABLATED:
-        return None
+@torch.no_grad()
+def module_output(q: Tensor, k: Tensor, v: Tensor, scheme: str, dtype: torch.dtype) -> Tensor:
+    """The registered module itself (states accumulated in fp32) on inputs in ``dtype``."""
     name, overrides = ABLATED[scheme]
     module = attention_factory(name, {**overrides, **OPERATOR_OVERRIDES.get(name, {})})(
         num_heads=q.shape[1], head_dim=q.shape[-1], max_len=q.shape[2]
     )
-    with torch.no_grad():
-        return module(q.to(dtype), k.to(dtype), v.to(dtype)).double()
+    return module(q.to(dtype), k.to(dtype), v.to(dtype)).double()
 
 
 def _errors(prefix: str, out: Tensor, truth: Tensor) -> dict[str, float]:
@@ -137,8 +135,8 @@ def operator_rows(
                 for dtype_name, dtype in DTYPES.items():
                     row = {"scheme": scheme, "seq_len": seq_len, "scale": scale, "dtype": dtype_name}
                     row |= _errors("emulated", emulated_efficient(sq, sk, v, scheme, dtype), truth)
-                    if (ours := module_output(sq, sk, v, scheme, dtype)) is not None:
-                        row |= _errors("module", ours, truth)
+                    if scheme in ABLATED:  # the 1/N switch exists only in the emulation
+                        row |= _errors("module", module_output(sq, sk, v, scheme, dtype), truth)
                     rows.append(row)
     return rows
 
@@ -159,14 +157,11 @@ def operator_table(rows: list[dict[str, Any]]) -> str:
     """One line per (scheme, dtype, implementation), one column per (N, s): ok or what failed."""
     columns = list(dict.fromkeys((row["seq_len"], row["scale"]) for row in rows))
     body = []
-    for scheme in SCHEMES:
-        for dtype in DTYPES:
-            chosen = {
-                (r["seq_len"], r["scale"]): r for r in rows if r["scheme"] == scheme and r["dtype"] == dtype
-            }
-            for prefix, what in (("emulated", "in dtype"), ("module", "fp32 (module)")):
-                if chosen and f"{prefix}_nonfinite" in next(iter(chosen.values())):
-                    body.append([scheme, dtype, what, *(_cell(chosen[column], prefix) for column in columns)])
+    for scheme, dtype in itertools.product(SCHEMES, DTYPES):
+        chosen = [r for r in rows if r["scheme"] == scheme and r["dtype"] == dtype]
+        for prefix, what in (("emulated", "in dtype"), ("module", "fp32 (module)")):
+            if f"{prefix}_nonfinite" in chosen[0]:
+                body.append([scheme, dtype, what, *(_cell(row, prefix) for row in chosen)])
     header = ["scheme", "dtype", "states", *(f"N={n}, s={s:g}" for n, s in columns)]
     return "\n".join(md_table(header, body))
 
@@ -237,8 +232,7 @@ def plot_training(runs: dict[tuple[str, str], Path], path: Path) -> Path:
                 axis.plot(*zip(*record[key], strict=True), style, color=colour, label=label)
     for row, precision in enumerate(precisions):
         axes[row][0].set_title(f"{precision}: training loss (gaps = non-finite)")
-        axes[row][1].set_title(f"{precision}: max over layers of ‖dL/dq‖, ‖dL/dk‖")
-        axes[row][1].set_yscale("log")
+        axes[row][1].set(title=f"{precision}: max over layers of ‖dL/dq‖, ‖dL/dk‖", yscale="log")
         for axis in axes[row]:
             axis.set_xlabel("step")
             axis.legend(fontsize=7)

@@ -1,35 +1,22 @@
-"""Forward pre-hooks that capture what each encoder layer passes to its attention module."""
+"""Forward pre-hooks that see what each encoder layer passes to its attention module."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
-from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from models.attention.base import Attention
 from models.encoder import LRAEncoder
 
 
-@dataclass
-class AttentionCall:
-    """The arguments of one ``Attention.forward(q, k, v, mask)`` call: ``[B, H, N, d]`` and ``[B, N]``."""
+def add_attention_pre_hooks(encoder: LRAEncoder, callback: Callable[..., object]) -> list[RemovableHandle]:
+    """Call ``callback(layer, module, q, k, v, mask)`` before every attention call of ``encoder``
+    (``[B, H, N, d]`` and ``[B, N]`` or None); returns the handles."""
 
-    q: Tensor
-    k: Tensor
-    v: Tensor
-    mask: Tensor | None = None
-
-
-def add_attention_pre_hooks(
-    encoder: LRAEncoder, callback: Callable[[int, Attention, AttentionCall], None]
-) -> list[RemovableHandle]:
-    """Call ``callback(layer, module, call)`` before every attention call of ``encoder``; returns handles."""
-
-    def hook(layer: int, module: Attention, args: tuple, kwargs: dict) -> None:
-        callback(layer, module, AttentionCall(*args, **kwargs))
+    def hook(layer: int, module: object, args: tuple, kwargs: dict) -> None:
+        # Returns None whatever the callback returns: a pre-hook's result would replace the inputs.
+        callback(layer, module, *args, **kwargs)
 
     return [
         module.register_forward_pre_hook(partial(hook, layer), with_kwargs=True)

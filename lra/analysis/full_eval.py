@@ -39,11 +39,8 @@ def split_accuracy(model: torch.nn.Module, loader: Any) -> tuple[float, int]:
 def evaluate_run(run_dir: Path) -> dict[str, Any]:
     """The run's last checkpoint scored on its task's whole validation and test splits."""
     config = run_files(run_dir)[2]
-    config.data.max_eval_samples = None
-    datamodule = instantiate(config.data)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    datamodule.setup("test")
+    datamodule = instantiate(config.data, max_eval_samples=None)
+    datamodule.setup("fit")  # every split
     run, _ = load_run(run_dir, datamodule)
     row = {"run": shown(run_dir), "task": config.task.name, "attention": run.name, "seed": int(config.seed)}
     for split, loader in (("val", datamodule.val_dataloader()), ("test", datamodule.test_dataloader())):

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from lra.analysis.capture import AttentionCall, add_attention_pre_hooks
+from lra.analysis.capture import add_attention_pre_hooks
 from models.attention.base import Attention
 
 
@@ -58,16 +58,18 @@ class AttentionGradNorms(L.Callback):
         scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
         self._scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
-    def _on_attention_call(self, layer: int, module: Attention, call: AttentionCall) -> None:
+    def _on_attention_call(
+        self, layer: int, module: Attention, q: Tensor, k: Tensor, v: Tensor, mask=None
+    ) -> None:
         if not (self._active and module.training and torch.is_grad_enabled()):
             return
-        for name, tensor in (("q", call.q), ("k", call.k), ("v", call.v)):
+        for name, tensor in (("q", q), ("k", k), ("v", v)):
             if tensor.requires_grad:
                 tensor.register_hook(lambda grad, key=f"layer{layer}/{name}": self._record(key, grad))
 
     def _record(self, key: str, grad: Tensor) -> None:
         square = grad.detach().float().square().sum()
-        self._squares[key] = self._squares[key] + square if key in self._squares else square
+        self._squares[key] = self._squares.get(key, 0) + square
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int

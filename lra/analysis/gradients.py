@@ -110,8 +110,7 @@ def plot_training(runs: dict[str, Path], path: Path) -> Path:
         if "train/loss" in metrics:
             axes.flat[3].plot(*zip(*metrics["train/loss"], strict=True), color=f"C{index}", label=attention)
     for axis, name in zip(axes.flat, "qkv", strict=False):
-        axis.set_yscale("log")
-        axis.set_title(f"‖dL/d{name}‖ at the attention input")
+        axis.set(yscale="log", title=f"‖dL/d{name}‖ at the attention input")
     axes.flat[3].set_title("training loss")
     for axis in axes.flat:
         axis.set_xlabel("step")
@@ -156,10 +155,8 @@ def plot_scale_sweep(rows: list[dict[str, Any]], path: Path) -> Path:
             xs, ys = [r["scale"] for r in chosen], [r[name] for r in chosen]
             axis.plot(xs, ys, style, marker="o", color=f"C{index}", label=label)
     for axis, name in zip(axes, "qkv", strict=True):
-        axis.set_xscale("log")
-        axis.set_yscale("log")
-        axis.set_xlabel("scale s of q and k")
-        axis.set_title(f"‖dL/d{name}‖, one call, N={rows[0]['seq_len']}, d={rows[0]['head_dim']}")
+        title = f"‖dL/d{name}‖, one call, N={rows[0]['seq_len']}, d={rows[0]['head_dim']}"
+        axis.set(xscale="log", yscale="log", xlabel="scale s of q and k", title=title)
     axes[0].legend(fontsize=7)
     figure.suptitle("Gradient norms against the size of q and k (float64, fixed inputs and dO)", fontsize=10)
     return save_figure(figure, path)

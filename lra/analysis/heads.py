@@ -29,7 +29,7 @@ from omegaconf import OmegaConf
 from lra.analysis.runs import analysis_parser, save_figure
 from lra.bench import DTYPES, calibration_row, environment, select_device, shared_bench_config
 from lra.bench_levels import OperatorBench, variants_from_config
-from lra.bench_rows import METRICS, OperatorTable, metric_value
+from lra.bench_rows import METRICS, OperatorTable, load_rows, metric_value
 from lra.errors import ConfigError, MissingDataError, run_cli
 from lra.markdown import md_table
 from lra.registry import registered_attentions
@@ -135,22 +135,17 @@ def plot(table: OperatorTable, path: Path, width: int) -> Path:
                 _plot_measured(
                     axis, *table.series(setting, d, label, metric), style, color=f"C{index}", label=name
                 )
-    for axis, metric in zip(axes[:2], ("fwd_bwd_ms", "peak_mb"), strict=True):
-        axis.set_xscale("log", base=2)
-        axis.set_yscale("log")
-        axis.set_xlabel("N")
-        axis.set_title(f"TaylorShift {METRICS[metric]}, D = {width}")
-        axis.legend(fontsize=6)
     longest = max(n for setting, d in pairs for n in table.lengths(setting, d))
     heads = [setting[2] for setting, _ in pairs]
     for index, label in enumerate(table.labels):
         values = [metric_value(table.get(s, d, label, longest), "fwd_bwd_ms") for s, d in pairs]
         _plot_measured(axes[2], heads, values, color=f"C{index}", label=label)
-    axes[2].set_xscale("log", base=2)
-    axes[2].set_yscale("log")
-    axes[2].set_xlabel(f"heads h (d = {width}/h)")
-    axes[2].set_title(f"forward + backward (ms) at N = {longest:,}")
-    axes[2].legend(fontsize=6)
+    titles = [f"TaylorShift {METRICS[metric]}, D = {width}" for metric in ("fwd_bwd_ms", "peak_mb")]
+    titles.append(f"forward + backward (ms) at N = {longest:,}")
+    for axis, title, x_label in zip(axes, titles, ("N", "N", f"heads h (d = {width}/h)"), strict=True):
+        axis.set_xscale("log", base=2)
+        axis.set(yscale="log", xlabel=x_label, title=title)
+        axis.legend(fontsize=6)
     return save_figure(figure, path)
 
 
@@ -158,6 +153,8 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
     table = OperatorTable(rows)
     run = next((row for row in rows if row["kind"] == "calibration"), {})
     measured = next((row for row in rows if row["kind"] == "heads_run"), {"argv": args.argv, "seconds": 0.0})
+    # The grid (width, heads, lengths) is the one that was measured, not a --report-only command's defaults.
+    args = parse([*measured["argv"], "--out", str(args.out), "--label", args.label])
     command = " ".join(["python -m lra.analysis.heads", *measured["argv"]])
     longest = max(args.seq_lens)
     figure = plot(table, args.out / f"heads_{args.label}.png", args.width)
@@ -233,11 +230,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
             raise MissingDataError(
                 f"--report-only: no rows at {jsonl}; measure first (without --report-only)"
             )
-        rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-        measured = next((row for row in rows if row["kind"] == "heads_run"), None)
-        if measured is not None:
-            # The grid (width, heads, lengths) is the one that was measured, not this command's defaults.
-            args = parse([*measured["argv"], "--out", str(args.out), "--label", args.label])
+        rows = load_rows(jsonl)
     else:
         started = time.time()
         rows = measure(args)

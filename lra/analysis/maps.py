@@ -24,7 +24,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lra.analysis.capture import AttentionCall, add_attention_pre_hooks
+from lra.analysis.capture import add_attention_pre_hooks
 from lra.analysis.runs import load_run, save_figure
 from lra.errors import ConfigError, run_cli
 from lra.module import model_inputs
@@ -67,28 +67,25 @@ def example_maps(
     encoder = model.encoder
     layer_ids = _select(layers, len(encoder.attentions), "layers")
     head_ids = _select(heads, encoder.attentions[0].num_heads, "heads")
-    inputs = model_inputs(example)
-    if inputs["input_ids"].shape[0] != 1:
-        raise ValueError(
-            f"attention maps: expected one example, got a batch of {inputs['input_ids'].shape[0]}"
-        )
     # The first call per layer: a dual encoder (Retrieval) calls each layer again for its second document.
-    calls: dict[int, AttentionCall] = {}
-    handles = add_attention_pre_hooks(encoder, lambda layer, _, call: calls.setdefault(layer, call))
+    calls: dict[int, tuple[Tensor, Tensor, Tensor | None]] = {}
+    handles = add_attention_pre_hooks(
+        encoder, lambda layer, _, q, k, v, mask=None: calls.setdefault(layer, (q, k, mask))
+    )
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            model(**inputs)
+            model(**model_inputs(example))
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
     result = []
     for layer in layer_ids:
-        call, module = calls[layer], encoder.attentions[layer]
-        weights = attention_weights(module, call.q, call.k, call.mask)[0, head_ids].cpu()  # [h, N, N or k]
-        real = torch.ones(weights.shape[1], dtype=torch.bool) if call.mask is None else call.mask[0].cpu()
+        (q, k, mask), module = calls[layer], encoder.attentions[layer]
+        weights = attention_weights(module, q, k, mask)[0, head_ids].cpu()  # [h, N, N or k]
+        real = torch.ones(weights.shape[1], dtype=torch.bool) if mask is None else mask[0].cpu()
         positions = real.nonzero().squeeze(1)[:max_tokens]
         weights = weights[:, positions]
         label = key_axis_label(module)
@@ -149,8 +146,7 @@ class AttentionMaps(L.Callback):
             raise ValueError(f"AttentionMaps: every_n_val must be >= 1, got {every_n_val}")
         self.out_dir = Path(out_dir)
         self.every_n_val = every_n_val
-        self.layers = None if layers is None else list(layers)
-        self.heads = None if heads is None else list(heads)
+        self.layers, self.heads = layers, heads  # checked against the model when rendered
         self.example_index = example_index
         self.max_tokens = max_tokens
         self.save_arrays = save_arrays
@@ -186,10 +182,6 @@ class AttentionMaps(L.Callback):
 
     def render(self, pl_module: L.LightningModule, step: int, loggers: Sequence[Any] = ()) -> Path:
         """Render the kept example's maps for ``pl_module.model`` now; returns the PNG path."""
-        if self.example is None:
-            raise RuntimeError(
-                "AttentionMaps.render: no example yet; it is taken from the first validation batch"
-            )
         example = {key: value.to(pl_module.device) for key, value in self.example.items()}
         maps = self.last_maps = example_maps(
             pl_module.model, example, self.layers, self.heads, self.max_tokens

@@ -1,5 +1,5 @@
-"""Launching ``train.py`` runs as a user would, and reading what a run leaves (``csv/metrics.csv``,
-``summary.json``, ``config_resolved.yaml``, ``checkpoints/last.ckpt``); plus the analyses' shared options.
+"""Launching ``train.py`` runs as a user would, reading what a run leaves (``csv/metrics.csv``,
+``summary.json``, ``config_resolved.yaml``, ``checkpoints/last.ckpt``), and the analyses' shared options.
 Figures are drawn on ``matplotlib.figure.Figure`` directly, without pyplot, so no display is needed."""
 
 from __future__ import annotations
@@ -44,8 +44,7 @@ def launch(
     fatal: bool = False,
 ) -> None:
     """Train each run with ``python train.py <overrides(key, run_dir)>``, its console in
-    ``run_dir/train.log`` and its exit status in ``run_dir/exit_code``; a failed run raises when ``fatal``.
-    With ``skip_train`` nothing is trained: the runs are already in place."""
+    ``run_dir/train.log``, its exit status in ``run_dir/exit_code``; a failure raises when ``fatal``."""
     if skip_train:
         return
     # train.py resumes a run directory that holds a checkpoint, which would skip the training.
@@ -94,8 +93,6 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
 
 @dataclass
 class LoadedRun:
-    """A trained model rebuilt from its run directory."""
-
     name: str
     model: LRAModel
     config: Any
@@ -103,8 +100,7 @@ class LoadedRun:
 
 
 def run_files(path: Path) -> tuple[Path, Path, Any]:
-    """The run directory, checkpoint and resolved config of a checkpoint file or of a run directory (whose
-    ``checkpoints/last.ckpt`` is used)."""
+    """The run directory, checkpoint and resolved config of a .ckpt file or a run dir (its last.ckpt)."""
     checkpoint = path if path.is_file() else path / "checkpoints" / "last.ckpt"
     if not checkpoint.is_file():
         raise MissingCheckpointError(f"no checkpoint at {path} (looked for {checkpoint}); pass a .ckpt file")
@@ -124,12 +120,10 @@ def model_from_config(config: Any, datamodule: Any) -> LRAModel:
 
 
 def load_run(path: Path, datamodule: Any | None = None) -> tuple[LoadedRun, Any]:
-    """A run's model with its checkpoint's weights, and the data module (``datamodule``, or the run's own,
-    whose vocabulary and length define the model)."""
+    """A run's model with its checkpoint's weights, and the data module (``datamodule``, else its own)."""
     run_dir, checkpoint, config = run_files(path)
     if datamodule is None:
         datamodule = instantiate(config.data)
-        datamodule.prepare_data()
         datamodule.setup("fit")
     model = model_from_config(config, datamodule)
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
@@ -142,9 +136,8 @@ def load_run(path: Path, datamodule: Any | None = None) -> tuple[LoadedRun, Any]
 def analysis_parser(
     name: str, doc: str, root: Path, smoke: str, runs_dir: str | None = None
 ) -> argparse.ArgumentParser:
-    """The parser of ``python -m lra.analysis.<name>`` with the options the measuring analyses share:
-    ``--out`` under ``root/outputs/analyses`` (``root`` is the caller's REPO_ROOT, which a test may move),
-    ``--smoke`` and, for an analysis that trains, ``--runs-dir`` and ``--skip-train``."""
+    """``python -m lra.analysis.<name>``'s parser: ``--out``, ``--smoke`` and, for an analysis that trains,
+    ``--runs-dir`` and ``--skip-train``. ``root`` is the caller's REPO_ROOT, which a test may move."""
     parser = argparse.ArgumentParser(prog=f"python -m lra.analysis.{name}", description=doc.split("\n")[0])
     # Scratch output by default: the committed results/analyses/ is rewritten only when named with --out.
     out = root / "outputs" / "analyses"
@@ -159,7 +152,6 @@ def analysis_parser(
 
 
 def save_figure(figure: Figure, path: Path, dpi: int = 100, **savefig: Any) -> Path:
-    """Write ``figure`` to ``path`` (parents created); returns ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi, **savefig)
     return path
