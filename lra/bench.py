@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from lra.bench_levels import ModelBench, OperatorBench, variants_from_config
-from lra.bench_rows import Rows, device_label, load_rows, problem_text
+from lra.bench_rows import Rows, device_label, load_rows
 from lra.errors import ConfigError
 from lra.registry import registered_attentions
 from lra.summary import REPO_ROOT, device_name, git_commit, versions
@@ -95,8 +95,7 @@ def run(cfg: DictConfig) -> Path:
     if bench.dtype not in DTYPES:
         raise ConfigError(f"bench.dtype={bench.dtype!r} is not one of {sorted(DTYPES)}")
     levels = list(bench.levels)
-    unknown = sorted(set(levels) - {"operator", "model"})
-    if unknown:
+    if unknown := sorted(set(levels) - {"operator", "model"}):
         raise ConfigError(f"bench.levels has {unknown}; the levels are 'operator' and 'model'")
     dtype, threads = DTYPES[bench.dtype], torch.get_num_threads()
     attentions = registered_attentions(bench.get("attentions"))
@@ -115,12 +114,7 @@ def run(cfg: DictConfig) -> Path:
     path, started = out_dir / "rows.jsonl", time.time()
     if bench.get("threads"):
         torch.set_num_threads(int(bench.threads))
-    sink = Rows(path)
-
-    def emit(row: dict[str, Any]) -> None:
-        sink.emit(row)
-        print_row(row)
-
+    emit = Rows(path).emit
     try:
         path.write_text("")
         env = environment(device)
@@ -153,27 +147,11 @@ def run(cfg: DictConfig) -> Path:
         emit({"kind": "run_end", "load_avg_end": list(os.getloadavg()), "wall_s": time.time() - started})
     finally:
         torch.set_num_threads(threads)
-    write_report(path, out_dir)
+    write_report(path)
     if "wandb" in (cfg.get("logger") or {}):
         log_to_wandb(cfg, path, out_dir, label)
     print(f"\nBenchmark rows, report and plots: {out_dir}")
     return out_dir
-
-
-def print_row(row: dict[str, Any]) -> None:
-    """One line on stdout per operator or model row."""
-    if row["kind"] not in ("operator", "model"):
-        return
-    operator = row["kind"] == "operator"
-    where = f"N={row['seq_len']:>6} d={row.get('head_dim')}" if operator else f"model N={row['seq_len']:>5}"
-    result = problem_text(row)
-    if not result:
-        result = (
-            f"fwd {row['fwd_ms']:9.2f} ms  fwd+bwd {row['fwd_bwd_ms']:9.2f} ms"
-            if operator
-            else f"step {row['step_ms']:9.1f} ms  {row['steps_per_s']:6.2f} steps/s"
-        ) + f"  peak {row['peak_mb']:8.1f} MB"
-    print(f"{where}  {row['label']:<36} {result}", flush=True)
 
 
 def log_to_wandb(cfg: DictConfig, path: Path, out_dir: Path, label: str) -> None:

@@ -20,7 +20,6 @@ from torch import Tensor
 
 from lra.errors import ConfigError
 from lra.registry import ATTENTION_DIR, attention_factory, registered_attentions
-from lra.summary import to_jsonable
 from lra.timing import Sweep, measure, release_memory
 from models.attention.base import Attention
 
@@ -88,10 +87,6 @@ def _relative_error(x: Tensor, reference: Tensor) -> float:
     return float((x.double() - reference).abs().max() / reference.abs().max().clamp_min(1e-30))
 
 
-def _attention_class(variant: Variant) -> type[Attention]:
-    return get_class(str(OmegaConf.load(ATTENTION_DIR / f"{variant.attention}.yaml")["_target_"]))
-
-
 @dataclass
 class Shape:
     batch: int
@@ -111,13 +106,7 @@ def make_inputs(shape: Shape, device: torch.device, dtype: torch.dtype, seed: in
     if shape.masked:
         real = shape.seq_len - shape.seq_len // 8
         mask = (torch.arange(shape.seq_len) < real).expand(shape.batch, -1).to(device)
-    return {
-        "q": q.requires_grad_(),
-        "k": k.requires_grad_(),
-        "v": v.requires_grad_(),
-        "dout": dout,
-        "mask": mask,
-    }
+    return dict(q=q.requires_grad_(), k=k.requires_grad_(), v=v.requires_grad_(), dout=dout, mask=mask)
 
 
 def build_operator(
@@ -215,7 +204,8 @@ class OperatorBench:
     def _skip_reason(self, variant: Variant, shape: Shape) -> str | None:
         if variant.quadratic and shape.seq_len > self.grid.max_n_quadratic:
             return f"materialises N×N: N > max_n_quadratic={self.grid.max_n_quadratic}"
-        if shape.causal and not _attention_class(variant).supports_causal:
+        yaml = ATTENTION_DIR / f"{variant.attention}.yaml"
+        if shape.causal and not get_class(str(OmegaConf.load(yaml)["_target_"])).supports_causal:
             return "not causal"
         return None
 
@@ -307,15 +297,6 @@ class ModelBench:
         overrides = [f"task={level.task}", f"profile={level.profile}", f"data.batch_size={level.batch_size}"]
         return compose(config_name="config", overrides=[*overrides, *level.overrides])
 
-    def _compose_task(self, variant: Variant, seq_len: int) -> DictConfig:
-        """The task config at this length, its attention node swapped as ``attention=<name>`` would."""
-        cfg = self._task_cfg.copy()
-        cfg.data.seq_len = seq_len
-        cfg.attention = OmegaConf.merge(
-            OmegaConf.load(ATTENTION_DIR / f"{variant.attention}.yaml"), variant.overrides
-        )
-        return cfg
-
     def rows(self) -> Iterator[dict[str, Any]]:
         level = self.level
         for seq_len in sorted(level.seq_len):
@@ -337,7 +318,12 @@ class ModelBench:
     def _measure(self, variant: Variant, seq_len: int) -> dict[str, Any]:
         from lra.build import build_model
 
-        cfg = self._compose_task(variant, seq_len)
+        # The task config at this length, its attention node swapped as ``attention=<name>`` would.
+        cfg = self._task_cfg.copy()
+        cfg.data.seq_len = seq_len
+        cfg.attention = OmegaConf.merge(
+            OmegaConf.load(ATTENTION_DIR / f"{variant.attention}.yaml"), variant.overrides
+        )
         data_class = get_class(cfg.data._target_)
         if data_class.dual:
             raise ConfigError(f"the model level times single-document tasks; {self.level.task} is dual")
@@ -380,6 +366,6 @@ class ModelBench:
             "mlp_dim": cfg.model.mlp_dim,
             "tokens": seq_len + int(cfg.model.pooling == "cls"),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "values": to_jsonable(values),
+            "values": values,
             **{key: values.get(key) for key in ("mode_used", "impl_used", "backend_dispatched")},
         }

@@ -14,31 +14,28 @@ from pathlib import Path
 from typing import Any
 
 from data.cache import atomic_write_text
-from lra.bench_rows import METRICS, OperatorTable, device_label, load_rows, setting_text, status_text, usable
+from lra.bench_rows import METRICS, OperatorTable, device_label, load_rows, setting_text, status_text
 from lra.markdown import md_table
 from lra.registry import published_efficiency_4k
 from lra.summary import REPO_ROOT
 from models.attention.crossover import crossover_n0, crossover_n1
 
-# LRA paper (Tay et al. 2021, arXiv 2011.04006) Table 2, Text, 4K tokens, batch 32 on TPU v3: the cells used
-# here. Speed-up over the Transformer's 1.4 steps/s; peak memory against its 9.48 GB.
 
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    """``digits`` significant digits with thousands separators; "—" for None."""
+def fmt(value: float | None) -> str:
+    """Three significant digits with thousands separators; "—" for None."""
     if value is None:
         return "—"
     if value == 0:
         return "0"
-    decimals = max(0, digits - 1 - math.floor(math.log10(abs(value))))
+    decimals = max(0, 2 - math.floor(math.log10(abs(value))))
     return f"{value:,.{decimals}f}"
 
 
 def _cell(row: dict[str, Any] | None, metric: str) -> str:
     if row is None:
         return ""
-    if status_text(row):
-        return status_text(row)
+    if status := status_text(row):
+        return status
     value, iqr = row.get(metric), row.get(f"{metric}_iqr")
     return fmt(value) + (f" ±{50 * iqr / value:.0f}%" if iqr and value else "")
 
@@ -149,12 +146,13 @@ def taylorshift_section(table: OperatorTable) -> list[str]:
         "faster (fwd, fwd+bwd) or needs less peak memory (fwd+bwd) than the direct mode.",
         "",
     ]
-    modes: dict[str, set] = {}
-    for r in table.rows:
-        if r["attention"] == "taylorshift":
-            modes.setdefault(r["label"], set()).add((r.get("overrides") or {}).get("mode"))
-    direct = [label for label, seen in modes.items() if "direct" in seen]
-    efficient = [label for label, seen in modes.items() if label not in direct and "efficient" in seen]
+    modes = {
+        r["label"]: (r.get("overrides") or {}).get("mode")
+        for r in table.rows
+        if r["attention"] == "taylorshift"
+    }
+    direct = [label for label, mode in modes.items() if mode == "direct"]
+    efficient = [label for label, mode in modes.items() if mode == "efficient"]
     if not direct or not efficient:
         return lines + ["No pair of TaylorShift rows with mode=direct and mode=efficient in this run.", ""]
     header = "setting|d|efficient variant|faster (fwd)|faster (fwd+bwd)|N0 (theory)|less memory (fwd+bwd)|"
@@ -197,7 +195,7 @@ def model_section(rows: list[dict[str, Any]], reference: str | None) -> list[str
     model_rows = [row for row in rows if row["kind"] == "model"]
     if not model_rows:
         return []
-    first = next((r for r in model_rows if usable(r)), model_rows[0])
+    first = next((r for r in model_rows if not status_text(r)), model_rows[0])
     lines = [
         "## Model level: training steps/s and peak memory (LRA paper Table 2 layout)",
         "",
@@ -223,10 +221,10 @@ def model_section(rows: list[dict[str, Any]], reference: str | None) -> list[str
         row = index.get((label, n))
         if row is None:
             return ""
-        if not usable(row):
-            return status_text(row)
+        if status := status_text(row):
+            return status
         theirs = index.get((reference, n))
-        theirs = theirs.get(key) if theirs is not None and usable(theirs) else None
+        theirs = theirs.get(key) if theirs is not None and not status_text(theirs) else None
         return fmt(row[key]) + (f" ({row[key] / theirs:.2f}×)" if theirs else "")
 
     body = []
@@ -316,11 +314,10 @@ def plot(table: OperatorTable, out_dir: Path) -> list[Path]:
     return written
 
 
-def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
-    """report.md and the plots from a rows.jsonl; returns the report's path."""
+def write_report(jsonl: Path) -> Path:
+    """report.md and the plots beside a rows.jsonl, from it alone; returns the report's path."""
     jsonl = Path(jsonl)
-    out_dir = Path(out_dir) if out_dir is not None else jsonl.parent
-    rows = load_rows(jsonl)
+    out_dir, rows = jsonl.parent, load_rows(jsonl)
     run, end = find_row(rows, "run") or {}, find_row(rows, "run_end")
     table = OperatorTable(rows)
     references = run.get("references") or [label for label in table.labels if label.startswith("softmax")][:1]
@@ -397,12 +394,11 @@ def _hydra_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def report_cli(write: Callable[[Path], Path], module: str, argv: list[str] | None = None) -> None:
+def report_cli(write: Callable[[Path], Path], module: str) -> None:
     """``python -m <module> <rows.jsonl>``: rewrite the report (and its plots) beside the rows."""
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
+    if len(sys.argv) != 2:
         sys.exit(f"usage: python -m {module} <rows.jsonl>")
-    print(write(Path(argv[0])))
+    print(write(Path(sys.argv[1])))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ METRICS = {"fwd_ms": "forward (ms)", "fwd_bwd_ms": "forward + backward (ms)", "p
 
 class Rows:
     """Append-only JSONL sink: a row is on disk as soon as it is emitted (the GPU check's parent and stage
-    processes write the same file in turn)."""
+    processes write the same file in turn); operator and model rows are also echoed to stdout."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -28,6 +28,21 @@ class Rows:
 
         with self.path.open("a") as sink:
             sink.write(json.dumps(to_jsonable(row), sort_keys=True, default=str) + "\n")
+        if row["kind"] in ("operator", "model"):
+            print_row(row)
+
+
+def print_row(row: dict[str, Any]) -> None:
+    operator = row["kind"] == "operator"
+    where = f"N={row['seq_len']:>6} d={row.get('head_dim')}" if operator else f"model N={row['seq_len']:>5}"
+    result = problem_text(row)
+    if not result:
+        result = (
+            f"fwd {row['fwd_ms']:9.2f} ms  fwd+bwd {row['fwd_bwd_ms']:9.2f} ms"
+            if operator
+            else f"step {row['step_ms']:9.1f} ms  {row['steps_per_s']:6.2f} steps/s"
+        ) + f"  peak {row['peak_mb']:8.1f} MB"
+    print(f"{where}  {row['label']:<36} {result}", flush=True)
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
@@ -49,11 +64,6 @@ def setting_text(setting: tuple) -> str:
     dtype, batch, heads, causal, masked = setting
     causal_text, masked_text = "causal" if causal else "non-causal", "masked" if masked else "unmasked"
     return f"{dtype}, B={batch}, h={heads}, {causal_text}, {masked_text}"
-
-
-def usable(row: dict[str, Any]) -> bool:
-    """Measured and not failing its correctness gate."""
-    return not row.get("skipped") and not row.get("error") and row.get("gate_ok") is not False
 
 
 def status_text(row: dict[str, Any]) -> str | None:
@@ -79,7 +89,7 @@ def metric_value(row: dict[str, Any] | None, metric: str) -> float | None:
         return None
     if row.get("oom"):
         return math.inf
-    return row.get(metric) if usable(row) else None
+    return None if status_text(row) else row.get(metric)
 
 
 class OperatorTable:

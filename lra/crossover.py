@@ -69,9 +69,7 @@ def find_crossover(
     n_min, n_max = points[0][0], points[-1][0]
     if not wins[-1]:
         return Crossover("never", n_min=n_min, n_max=n_max)
-    first = len(wins)
-    while first > 0 and wins[first - 1]:
-        first -= 1
+    first = len(wins) - wins[::-1].index(False) if False in wins else 0  # the first win after the last loss
     if first == 0:
         return Crossover("always", n=n_min, n_min=n_min, n_max=n_max)
     (n_lo, c_lo, r_lo), (n_hi, c_hi, r_hi) = points[first - 1], points[first]
@@ -126,25 +124,21 @@ def measure_n0(
     heads: int = 4,
     repeats: int = 5,
     max_len: int = 8192,
-    verbose: bool = True,
 ) -> int | None:
     """Smallest N from which the efficient mode is faster (None: direct wins up to ``max_len``), on N = 16,
     16·√2, ... up to the first N where it wins."""
-    lengths: list[int] = []
-    times: dict[str, list[float]] = {"direct": [], "efficient": []}
+    lengths, direct, efficient = [], [], []
     seq_len = 16
     while seq_len <= max_len:
         measured = time_modes(seq_len, head_dim, batch, heads, device, dtype, repeats)
-        if verbose:
-            direct, efficient = measured["direct"], measured["efficient"]
-            print(
-                f"  d={head_dim} N={seq_len}: direct {direct:.2f} ms, efficient {efficient:.2f} ms",
-                flush=True,
-            )
         lengths.append(seq_len)
-        for mode, ms in measured.items():
-            times[mode].append(ms)
-        found = find_crossover(lengths, times["efficient"], times["direct"])
+        direct.append(measured["direct"])
+        efficient.append(measured["efficient"])
+        print(
+            f"  d={head_dim} N={seq_len}: direct {direct[-1]:.2f} ms, efficient {efficient[-1]:.2f} ms",
+            flush=True,
+        )
+        found = find_crossover(lengths, efficient, direct)
         if found.status == "always":
             return found.n
         if found.status == "crossed":

@@ -17,15 +17,14 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 # Standard library only (and these modules): importable before ensure_imports has installed the wheels.
-from lra.bench_rows import Rows
-from lra.gpu_check_stages import run_bounded, stage_pytest, train_and_resume
+from lra.bench_rows import Rows, load_rows
+from lra.gpu_check_stages import REPO, run_bounded, stage_pytest, train_and_resume
 
-REPO = Path(__file__).resolve().parents[1]
 REQUIRED = ("hydra", "omegaconf", "antlr4", "lightning", "torch")
 # Seconds a child stage may run past its deadline (a point already started, e.g. a torch.compile) before
 # it is killed; the overrun is taken from the later stages.
@@ -73,12 +72,9 @@ def ensure_imports(wheels: Path, argv: list[str]) -> None:
 
 def _drain(rows: Iterable[dict[str, Any]], sink: Rows, deadline: float, stage: str, extra: Callable) -> bool:
     """Emit rows until the iterator ends (True) or the deadline passes (a ``cut`` row, False)."""
-    from lra.bench import print_row
-
     for row in rows:
         row = extra(row)
         sink.emit(row)
-        print_row(row)
         if time.time() > deadline:
             after = f"{row.get('label')} N={row.get('seq_len')}"
             sink.emit({"kind": "cut", "stage": stage, "after": after})
@@ -123,36 +119,34 @@ def child_main(stage: str, preset: dict[str, Any], rows: Path, deadline: float) 
         torch.compile = functools.partial(torch.compile, backend=preset["compile_backend"])
     sink, device = Rows(rows), torch.device(preset["device"])
     env = bench.environment(device)
-    if stage == "operator":
+
+    def operator_rows() -> Iterator[dict[str, Any]]:
         cfg, dtype = _bench_cfg(preset), bench.DTYPES[preset["dtype"]]
         calibration = {**bench.calibration_row(cfg.bench, device, dtype), **env}
         sink.emit(calibration)
         variants = bench.variants_from_config(preset["variants"], bench.registered_attentions())
-        rows = bench.OperatorBench(cfg, variants, device, dtype, env, calibration).rows()
-        if not _drain(rows, sink, deadline, "operator", lambda row: row):
-            return
+        yield from bench.OperatorBench(cfg, variants, device, dtype, env, calibration).rows()
         compiled = bench.variants_from_config(preset["compile_variants"], list(preset["compile_variants"]))
         for seq_len in preset["compile_seq_len"]:  # torch.compile compiles once per shape
             cfg.bench.operator_level.seq_len = [seq_len]
-            rows = bench.OperatorBench(cfg, compiled, device, dtype, env, calibration).rows()
-            if not _drain(rows, sink, deadline, "operator", lambda row: row):
-                return
-        return
-    level = preset["model_level"]
-    variants = bench.variants_from_config(level["variants"], bench.registered_attentions())
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        for task, sizes in level["tasks"].items():
-            official = OmegaConf.load(REPO / "conf" / "task" / f"{task}.yaml").data
-            task_level = {key: value for key, value in level.items() if key != "tasks"}
-            task_level |= {
-                "task": task,
-                "seq_len": [int(sizes.get("seq_len") or official.seq_len)],
-                "batch_size": int(sizes.get("batch_size") or official.batch_size),
-                "reference": "softmax",
-            }
-            rows = bench.ModelBench(_bench_cfg(preset, **task_level), variants, device, env).rows()
-            if not _drain(rows, sink, deadline, "model", _tokens):
-                return
+            yield from bench.OperatorBench(cfg, compiled, device, dtype, env, calibration).rows()
+
+    def model_rows() -> Iterator[dict[str, Any]]:
+        level = preset["model_level"]
+        variants = bench.variants_from_config(level["variants"], bench.registered_attentions())
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            for task, sizes in level["tasks"].items():
+                official = OmegaConf.load(REPO / "conf" / "task" / f"{task}.yaml").data
+                task_level = {key: value for key, value in level.items() if key != "tasks"}
+                task_level |= {
+                    "task": task,
+                    "seq_len": [int(sizes.get("seq_len") or official.seq_len)],
+                    "batch_size": int(sizes.get("batch_size") or official.batch_size),
+                    "reference": "softmax",
+                }
+                yield from bench.ModelBench(_bench_cfg(preset, **task_level), variants, device, env).rows()
+
+    _drain(operator_rows() if stage == "operator" else model_rows(), sink, deadline, stage, _tokens)
 
 
 def stage_child(name: str, dry: bool, sink: Rows, deadline: float) -> str:
@@ -181,7 +175,6 @@ def run_check(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     import torch
 
     from lra import bench
-    from lra.bench_rows import load_rows
     from lra.gpu_check_report import OUTPUT_FILES, write_report
 
     device = torch.device(preset["device"])
@@ -197,8 +190,8 @@ def run_check(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     scratch.mkdir(parents=True, exist_ok=True)
     for name in OUTPUT_FILES:  # files of an earlier check, never anything else
         (out / name).unlink(missing_ok=True)
-    sink = Rows(out / "rows.jsonl")
-    started = time.time()
+    sink, started = Rows(out / "rows.jsonl"), time.time()
+    budgets = {s: preset["budgets_s"][s] * args.budget_scale for s in stages}
     sink.emit(
         {
             "kind": "run",
@@ -208,7 +201,7 @@ def run_check(args: argparse.Namespace, preset: dict[str, Any]) -> int:
             "dry_run": args.dry_run,
             "dtype": preset["dtype"],
             "stages": stages,
-            "budgets_s": {s: preset["budgets_s"][s] * args.budget_scale for s in stages},
+            "budgets_s": budgets,
             "load_avg_start": list(os.getloadavg()),
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "config": {key: preset[key] for key in ("operator_level", "model_level", "train", "variants")},
@@ -218,8 +211,9 @@ def run_check(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     )
     carry, failed = 0.0, False
     for name in stages:
-        nominal = preset["budgets_s"][name] * args.budget_scale
-        budget = max(nominal / 2, nominal + carry)  # an overrun shortens later stages, never below half
+        budget = max(
+            budgets[name] / 2, budgets[name] + carry
+        )  # an overrun shortens later stages, never below half
         stage_start = time.time()
         deadline = stage_start + budget
         print(f"\n== gpu_check: stage {name} (budget {budget:.0f} s)", flush=True)
@@ -245,7 +239,7 @@ def run_check(args: argparse.Namespace, preset: dict[str, Any]) -> int:
         failed |= status != "ok"
         carry = deadline - time.time()
     sink.emit({"kind": "run_end", "load_avg_end": list(os.getloadavg()), "wall_s": time.time() - started})
-    report = write_report(sink.path, out)
+    report = write_report(sink.path)
     print(f"\ngpu_check: {time.time() - started:.0f} s; report {report}", flush=True)
     return 1 if failed else 0
 

@@ -28,18 +28,11 @@ from lra.bench_rows import OperatorTable, load_rows, problem_text, setting_text
 from lra.markdown import md_table
 
 # Every file the check writes into its report folder (at most 8, so that one device call brings all back).
-OUTPUT_FILES = (
-    "rows.jsonl",
-    "report.md",
-    "time_vs_n.png",
-    "memory_vs_n.png",
-    "model_vs_softmax.png",
-    "pytest.log",
-    "train.log",
-)
+PLOTS = ("time_vs_n.png", "memory_vs_n.png", "model_vs_softmax.png")
+OUTPUT_FILES = ("rows.jsonl", "report.md", "pytest.log", "train.log", *PLOTS)
 # The fused Triton TaylorShift kernel's targets: B=1, h=8, N=16384, d=64, bf16, non-causal.
 TARGET_LABEL = "taylorshift mode=efficient,impl=triton"
-TARGET_SHAPE = {"batch": 1, "heads": 8, "head_dim": 64, "seq_len": 16384}
+TARGET_D, TARGET_N = 64, 16384
 TARGET_LIMITS = {"fwd_ms": (1.0, "ms"), "fwd_bwd_ms": (3.5, "ms"), "peak_mb": (150.0, "MB")}
 NAMES = {"fwd_ms": "fwd", "fwd_bwd_ms": "fwd+bwd", "peak_mb": "peak (fwd+bwd)"}
 # (reference label, N from which the kernel must be faster)
@@ -56,12 +49,12 @@ def targets_section(table: OperatorTable) -> list[str]:
     if not table.settings:
         return lines + ["No operator rows: the operator stage did not run.", ""]
     # The target shape, or in a dry run the nearest that was measured.
-    setting = next((s for s in table.settings if s[1:3] == (1, 8)), table.settings[0])
+    setting = next((s for s in table.settings if s[1:3] == (1, 8)), table.settings[0])  # B=1, h=8
     dims = table.head_dims(setting)
-    head_dim = TARGET_SHAPE["head_dim"] if TARGET_SHAPE["head_dim"] in dims else dims[-1]
+    head_dim = TARGET_D if TARGET_D in dims else dims[-1]
     lengths = table.lengths(setting, head_dim)
-    n = TARGET_SHAPE["seq_len"] if TARGET_SHAPE["seq_len"] in lengths else lengths[-1]
-    if (head_dim, n) != (TARGET_SHAPE["head_dim"], TARGET_SHAPE["seq_len"]) or setting[0] != "bfloat16":
+    n = TARGET_N if TARGET_N in lengths else lengths[-1]
+    if (head_dim, n) != (TARGET_D, TARGET_N) or setting[0] != "bfloat16":
         where = f"{setting_text(setting)}, d={head_dim}, N={n:,}"
         lines += [f"**Not the target shape**: evaluated at {where} (a dry run).", ""]
     row = table.get(setting, head_dim, TARGET_LABEL, n)
@@ -243,11 +236,10 @@ def model_plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return [out_dir / "model_vs_softmax.png"]
 
 
-def write_report(jsonl: Path, out_dir: Path | None = None) -> Path:
-    """report.md and the plots from a check's rows.jsonl; returns the report's path."""
+def write_report(jsonl: Path) -> Path:
+    """report.md and the plots beside a check's rows.jsonl, from it alone; returns the report's path."""
     jsonl = Path(jsonl)
-    out_dir = Path(out_dir) if out_dir is not None else jsonl.parent
-    rows = load_rows(jsonl)
+    out_dir, rows = jsonl.parent, load_rows(jsonl)
     run, end = find_row(rows, "run") or {}, find_row(rows, "run_end")
     calibration = find_row(rows, "calibration")
     table = OperatorTable(rows)

@@ -82,21 +82,6 @@ def _train_losses(metrics_csv: Path) -> list[float]:
         ]
 
 
-def _phase_row(phase: str, run_dir: Path, code: int | None, started: float) -> dict[str, Any]:
-    """A ``train`` row from the run's summary.json (None fields where it wrote none)."""
-    path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
-    keys = ("status", "global_step", "resumed_from", "device", "perf", "metrics", "attention_values")
-    return {
-        "kind": "train",
-        "phase": phase,
-        "exit_code": code,
-        "wall_s": time.time() - started,
-        **{key: summary.get(key) for key in keys},
-        "precision": ((summary.get("config") or {}).get("trainer") or {}).get("precision"),
-    }
-
-
 def train_and_resume(
     spec: dict[str, Any],
     dry: bool,
@@ -123,10 +108,21 @@ def train_and_resume(
     first += [f"trainer.max_steps={spec['steps']}", *spec["overrides"]]
     second = [sys.executable, "train.py", f"resume={run_dir}", f"trainer.max_steps={spec['resume_steps']}"]
 
-    started = time.time()
-    code = run_bounded(first, deadline - time.time(), log=log, env=env)
-    row = _phase_row("train", run_dir, code, started)
-    emit(row)
+    def run_phase(phase: str, cmd: list[str]) -> dict[str, Any]:
+        """Run ``cmd``; emit its ``train`` row from the run's summary.json (None where it wrote none)."""
+        started = time.time()
+        code = run_bounded(cmd, deadline - time.time(), log=log, env=env)
+        path = run_dir / "summary.json"
+        summary = json.loads(path.read_text()) if path.is_file() else {}
+        keys = ("status", "global_step", "resumed_from", "device", "perf", "metrics", "attention_values")
+        row = {"kind": "train", "phase": phase, "exit_code": code, "wall_s": time.time() - started}
+        row |= {key: summary.get(key) for key in keys}
+        row["precision"] = ((summary.get("config") or {}).get("trainer") or {}).get("precision")
+        emit(row)
+        return row
+
+    row = run_phase("train", first)
+    code = row["exit_code"]
     perf, precision, kind = row["perf"] or {}, row["precision"], (row["perf"] or {}).get("peak_mem_kind")
     losses = _train_losses(run_dir / "csv" / "metrics.csv")
     loss_detail, third = f"{len(losses)} logged losses", max(1, len(losses) // 3)
@@ -159,11 +155,8 @@ def train_and_resume(
     ]
     resumed, detail = False, "not run (no checkpoint or no time)"
     if checkpoint.is_file() and time.time() < deadline:
-        started = time.time()
-        code = run_bounded(second, deadline - time.time(), log=log, env=env)
-        row = _phase_row("resume", run_dir, code, started)
-        emit(row)
-        step = row["global_step"]
+        row = run_phase("resume", second)
+        code, step = row["exit_code"], row["global_step"]
         resumed = code == 0 and row["status"] == "completed" and bool(row["resumed_from"])
         resumed = resumed and step == spec["resume_steps"]
         detail = f"exit {code}; from {spec['steps']} to step {step}, resumed_from={row['resumed_from']}"

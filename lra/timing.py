@@ -219,9 +219,6 @@ def reset_process_peak_rss() -> bool:
 def _proc_status_kib(field: str) -> int | None:
     try:
         with open("/proc/self/status") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
+            return next((int(line.split()[1]) for line in handle if line.startswith(field + ":")), None)
     except (OSError, ValueError, IndexError):
         return None
-    return None
