@@ -55,12 +55,8 @@ def split_argv(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def command_line(argv: Sequence[str]) -> list[str]:
     """What train.py hands to Hydra: ``resume=`` expanded, the overrides (plus ``profile=cpu`` without CUDA
-    when none was chosen, so the run records it), then Hydra's options.
-
-    Raises:
-        ResumeError: from :func:`lra.resume.expand_resume_argv`.
-        ConfigError: two of Hydra's modes at once (``-m`` with ``--cfg job``, ...).
-    """
+    when none was chosen, so the run records it), then Hydra's options; two of Hydra's modes at once are a
+    ConfigError here rather than Hydra's traceback."""
     overrides, options = split_argv(expand_resume_argv(argv))
     names = {option.split("=", 1)[0] for option in options}
     modes = sorted({HYDRA_MODES.get(name, name) for name in names} & set(HYDRA_MODES.values()))

@@ -1,10 +1,6 @@
 """Errors that are the user's to fix: printed as their message alone, exit status 1 (``HYDRA_FULL_ERROR=1``
-shows the traceback); any other exception is a bug and keeps its traceback.
-
-Under Hydra (train.py, ``python -m lra.bench``) this is Hydra's own handling of a ``CompactHydraException``;
-elsewhere (before Hydra, the argparse entry points) it is :func:`run_cli`. Each error also derives from the
-built-in type callers may catch (``ValueError``, ``FileNotFoundError``, ...).
-"""
+shows the traceback), by Hydra under train.py and ``python -m lra.bench``, by :func:`run_cli` elsewhere. Any
+other exception is a bug and keeps its traceback. Each also derives from the built-in type callers catch."""
 
 from __future__ import annotations
 

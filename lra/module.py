@@ -32,14 +32,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class LRAClassifier(L.LightningModule):
-    """Cross-entropy classification with accuracy per stage.
-
-    Args:
-        optimizer: a partial optimiser taking the parameters (``optim``).
-        scheduler: ``lra.schedules.lr_multiplier``'s arguments.
-        max_nonfinite_steps: steps with a non-finite loss or gradient skipped before the run stops.
-        reproduce: the command that reproduces the run, quoted in the non-finite error.
-    """
+    """Cross-entropy classification with accuracy per stage. ``optimizer`` is a partial optimiser (``optim``),
+    ``scheduler`` holds ``lr_multiplier``'s arguments; ``reproduce`` is quoted in the non-finite error."""
 
     def __init__(
         self,
@@ -110,13 +104,13 @@ class LRAClassifier(L.LightningModule):
             # fp16 loss scaling: the GradScaler skips overflowing steps and lowers the scale by itself.
             return
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if not grads or torch.stack([g.isfinite().all() for g in grads]).all():
+        if not grads or torch.stack([g.isfinite().all() for g in grads]).all():  # one device sync per step
             return
-        group_of = {id(p): i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}
         name, param = next(
             (n, p) for n, p in self.named_parameters() if p.grad is not None and not p.grad.isfinite().all()
         )
-        group = group_of.get(id(param), -1)
+        groups = optimizer.param_groups
+        group = next((i for i, g in enumerate(groups) if any(p is param for p in g["params"])), -1)
         bad = int((~param.grad.isfinite()).sum())
         self._count_nonfinite(
             f"non-finite gradient in parameter {name!r} ({bad} of {param.grad.numel()} entries; optimizer "

@@ -70,22 +70,14 @@ def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     q, k, v, dout = (torch.randn(shape) for _ in range(4))
     leaves = [t.requires_grad_() for t in (q, k, v)]
 
-    def peer(output_normalized: bool) -> nn.Module:
-        return official.TaylorShiftAttention(
-            args.heads * args.head_dim, num_heads=args.heads, output_normalized=output_normalized
+    calls = {}
+    for mode in ("efficient",) if args.skip_direct else ("efficient", "direct"):
+        peer = official.TaylorShiftAttention(
+            args.heads * args.head_dim, num_heads=args.heads, output_normalized=mode == "efficient"
         )
-
-    ours = {
-        mode: attention_factory("taylorshift", {"mode": mode})(args.heads, args.head_dim, args.seq_len)
-        for mode in ("efficient", "direct")
-    }
-    calls = {
-        "official efficient": peer(True)._efficient_attention,
-        "project efficient": lambda q, k, v: ours["efficient"](q, k, v),
-        "official direct": peer(False)._direct_attention,
-        "project direct": lambda q, k, v: ours["direct"](q, k, v),
-    }
-    calls = {name: call for name, call in calls.items() if not (args.skip_direct and "direct" in name)}
+        calls[f"official {mode}"] = getattr(peer, f"_{mode}_attention")
+        ours = attention_factory("taylorshift", {"mode": mode})(args.heads, args.head_dim, args.seq_len)
+        calls[f"project {mode}"] = ours
 
     def fwd_bwd(call: Any) -> Any:
         for leaf in leaves:

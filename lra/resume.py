@@ -49,15 +49,9 @@ def run_dir_of(resume: str | os.PathLike) -> Path | None:
 
 
 def expand_resume_argv(argv: Sequence[str]) -> list[str]:
-    """Turn ``resume=<run dir>`` into the overrides that recreate that run in that directory.
-
-    The new command line's overrides win; ``hydra.run.dir`` is the run directory unless given. Idempotent,
-    because DDP re-runs train.py with the expanded argv.
-
-    Raises:
-        ResumeError: ``resume`` with ``-m`` (rerun the sweep with the same ``hydra.sweep.dir`` instead), or a
-            run directory that does not exist.
-    """
+    """Turn ``resume=<run dir>`` into the overrides that recreate that run in that directory: the original
+    ones, then the new command line's (which win), then ``hydra.run.dir`` unless given. Idempotent, because
+    DDP re-runs train.py with the expanded argv."""
     argv = list(argv)
     values = [arg.split("=", 1)[1] for arg in argv if _override_key(arg) == "resume" and "=" in arg]
     if not values or values[-1] in ("", "null", "None"):
@@ -87,12 +81,7 @@ def expand_resume_argv(argv: Sequence[str]) -> list[str]:
 def resume_checkpoint(resume: str | None, out_dir: Path, config: dict[str, Any] | None = None) -> Path | None:
     """``resume``'s checkpoint (a run directory or a checkpoint file), else this run directory's own
     ``checkpoints/last.ckpt`` when it is being reused, else None. With ``config`` (this run's resolved
-    config), a checkpoint in ``out_dir`` must come from the same run.
-
-    Raises:
-        MissingCheckpointError: ``resume`` names a run killed before its first checkpoint.
-        ResumeError: the checkpoint in ``out_dir`` belongs to a different model, attention, task or data.
-    """
+    config), a checkpoint in ``out_dir`` must come from the same run (:func:`check_same_run`)."""
     if resume:
         path = Path(resume).expanduser().resolve()
         checkpoint = path if path.is_file() else path / LAST_CHECKPOINT

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import statistics
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -151,7 +152,7 @@ def averages(cells: list[Cell], attentions: list[str]) -> list[Average]:
         used = [cell for cell in cells if cell.attention == attention and cell.main_variant and cell.runs]
         used = [cell for cell in used if cell.task not in AVERAGE_EXCLUDES]
         published: float | str = published_accuracy(attention, "listops")
-        if isinstance(published, float):
+        if isinstance(published, float):  # in Table 1: the published average over the same tasks
             values = [cell.published for cell in used]
             floats = all(isinstance(value, float) for value in values)
             published = (statistics.fmean(values) if floats else "n/a") if used else MISSING
@@ -183,21 +184,14 @@ def build_section(
     return Section(profile, device, cells, averages(cells, attentions), failed)
 
 
-def aggregate(
-    runs: Iterable[Run],
-    tasks: Sequence[str] | None = None,
-    attentions: Sequence[str] | None = None,
-    problems: Sequence[str] = (),
-    roots: Sequence[str] = (),
-) -> Report:
+def aggregate(runs: Iterable[Run], problems: Sequence[str] = (), roots: Sequence[str] = ()) -> Report:
     """Group runs by (recipe, device) into sections; every (task, attention) of the grid gets a row."""
     kept, superseded = deduplicate(runs)
-    names = {*(tasks or LRA_TASKS), *(run.task for run in kept)}
-    tasks = [task for task in LRA_TASKS if task in names] + sorted(names - set(LRA_TASKS))
-    attentions = ordered(list(attentions or registered_attentions()) + [run.attention for run in kept])
-    by_section: dict[tuple[str, str], list[Run]] = {}
+    tasks = [*LRA_TASKS, *sorted({run.task for run in kept} - set(LRA_TASKS))]
+    attentions = ordered(registered_attentions() + [run.attention for run in kept])
+    by_section: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in kept:
-        by_section.setdefault((run.profile, run.device), []).append(run)
+        by_section[run.profile, run.device].append(run)
     order = sorted(by_section, key=lambda key: (key[0] != "official", key))
     sections = [build_section(*key, by_section[key], tasks, attentions) for key in order]
     return Report(sections, kept, superseded, list(problems), list(roots))

@@ -14,7 +14,7 @@ import pandas as pd
 
 from lra.registry import attention_rank
 from lra.results.curves import MAJORITY_APPROX, NUM_CLASSES, recorded_majority
-from lra.results.runs import LRA_TASKS, Run, recipe_label
+from lra.results.runs import Run, recipe_label, task_rank
 
 
 def majority_rate(task: str, data: dict[str, Any]) -> tuple[float | None, str]:
@@ -87,10 +87,8 @@ def render_comparison(runs: list[Run]) -> str:
             for run in runs
         ]
     )
-    task_rank = {task: index for index, task in enumerate(LRA_TASKS)}
     blocks = sorted(
-        frame.groupby(["task", "profile", "device"]),
-        key=lambda item: (task_rank.get(item[0][0], 99), item[0]),
+        frame.groupby(["task", "profile", "device"]), key=lambda item: (task_rank(item[0][0]), item[0])
     )
     lines: list[str] = []
     for (task, profile, device), block in blocks:

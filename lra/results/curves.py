@@ -7,7 +7,6 @@ as ``curve.csv`` beside the committed ``summary.json``, so the figures regenerat
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -87,8 +86,8 @@ def write_curve(curve: pd.DataFrame, path: Path) -> None:
     curve.to_csv(path, index=False, float_format="%.6g", lineterminator="\n")
 
 
-def figure_name(profile: str, device: str, task: str) -> str:
-    return "_".join(re.sub(r"[^a-z0-9]+", "-", part.lower()).strip("-") for part in (profile, device, task))
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
 
 
 def plot_task(
@@ -96,7 +95,6 @@ def plot_task(
     title: str,
     task: str,
     path: Path,
-    order: Sequence[str],
     majority: float | None = None,
 ) -> None:
     """Mean val accuracy over seeds per attention with a min-max band, against step and against time.
@@ -106,7 +104,9 @@ def plot_task(
 
     figure = Figure(figsize=(11, 4), dpi=100)
     by_step, by_time = figure.subplots(1, 2, sharey=True)
-    colours = colormaps["tab10"].colors
+    colours, order = colormaps["tab10"].colors, registered_attentions()
+    rate = MAJORITY_APPROX.get(task) if majority is None else majority
+    rate_label = "majority class (approx.)" if majority is None else "majority class"
     for attention, runs in curves.items():
         seeds = pd.concat(runs, keys=range(len(runs)), names=["seed"]).reset_index(level=0)
         stats = seeds.groupby("step").agg(
@@ -126,11 +126,8 @@ def plot_task(
         axis.grid(alpha=0.3)
         if task in NUM_CLASSES:
             axis.axhline(100 / NUM_CLASSES[task], color="grey", linestyle="--", linewidth=1, label="chance")
-        if majority is not None and majority * NUM_CLASSES.get(task, 0) > 1.001:
-            axis.axhline(100 * majority, color="grey", linestyle=":", linewidth=1, label="majority class")
-        elif majority is None and task in MAJORITY_APPROX and MAJORITY_APPROX[task] * NUM_CLASSES[task] != 1:
-            rate = 100 * MAJORITY_APPROX[task]
-            axis.axhline(rate, color="grey", linestyle=":", linewidth=1, label="majority class (approx.)")
+        if rate is not None and rate * NUM_CLASSES.get(task, 0) > 1.001:  # only a rate above chance
+            axis.axhline(100 * rate, color="grey", linestyle=":", linewidth=1, label=rate_label)
     by_step.set_xlabel("training step")
     by_time.set_xlabel("seconds since training started (wall clock)")
     by_step.set_ylabel("validation accuracy %")
@@ -159,10 +156,8 @@ def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[t
                 majority = next((run.val_majority for run in cell.runs if run.val_majority), majority)
             if not curves:
                 continue
-            path = folder / f"{figure_name(section.profile, section.device, task)}.png"
-            plot_task(
-                curves, f"{section.recipe}, {section.device}", task, path, registered_attentions(), majority
-            )
+            path = folder / f"{'_'.join(map(slug, (section.profile, section.device, task)))}.png"
+            plot_task(curves, f"{section.recipe}, {section.device}", task, path, majority)
             written.add(path)
             links.setdefault((section.profile, section.device), []).append((task, f"curves/{path.name}"))
     for stale in sorted(folder.glob("*.png")) if folder.is_dir() else []:

@@ -115,10 +115,7 @@ def render_markdown(
     reading: str | None = None,
 ) -> str:
     """results/lra.md: one block of tables per (recipe, device); ``figures`` links its learning curves.
-
-    ``reading``: the hand-written reading of the tables (``reading.md`` beside the outputs), placed after
-    the header, since what the numbers say cannot be generated from them.
-    """
+    ``reading`` (``reading.md``, by hand: what the numbers say cannot be generated) follows the header."""
     lines = [LRA_MD_HEADER] + ([reading.strip(), ""] if reading else [])
     if not report.sections:
         lines += [

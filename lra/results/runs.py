@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import sys
 from collections import defaultdict
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from lra.registry import attention_rank
-from lra.results.curves import CURVE_FILE, read_curve, recorded_majority, write_curve
+from lra.results.curves import CURVE_FILE, read_curve, recorded_majority, slug, write_curve
 from lra.summary import REPO_ROOT
 
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
@@ -89,11 +88,15 @@ def recipe_variant(config: dict[str, Any] | None) -> str:
     return hashlib.sha1(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
+def task_rank(task: str) -> int:
+    """LRA order; other tasks after the LRA ones."""
+    return LRA_TASKS.index(task) if task in LRA_TASKS else len(LRA_TASKS)
+
+
 def listing_order(run: Run) -> tuple:
     """Official recipe first, then recipe, device, task, attention, seed."""
-    task_rank = LRA_TASKS.index(run.task) if run.task in LRA_TASKS else len(LRA_TASKS)
     where = (run.profile != "official", run.profile, run.device)
-    return (*where, task_rank, run.task, attention_rank(run.attention), run.attention, run.seed)
+    return (*where, task_rank(run.task), run.task, attention_rank(run.attention), run.attention, run.seed)
 
 
 def _float(value: Any) -> float | None:
@@ -171,15 +174,14 @@ def display_path(path: Path) -> str:
     return str(resolved)
 
 
-def finished_at(summary: dict[str, Any], path: Path) -> float:
-    """Seconds since the epoch: summary.json's ``finished_at`` (ISO 8601), else the file's mtime."""
-    stamp = summary.get("finished_at")
-    if isinstance(stamp, (int, float)):
-        return float(stamp)
+def read_run(path: Path, **fields: Any) -> tuple[dict[str, Any], Run]:
+    """A summary.json and its Run, timestamped by its ``finished_at`` (ISO 8601), else by the file's mtime."""
+    summary = json.loads(path.read_text())
     try:
-        return datetime.fromisoformat(str(stamp)).timestamp()
-    except ValueError:
-        return path.stat().st_mtime
+        stamp = datetime.fromisoformat(summary["finished_at"]).timestamp()
+    except (KeyError, TypeError, ValueError):
+        stamp = path.stat().st_mtime
+    return summary, run_from_summary(summary, timestamp=stamp, **fields)
 
 
 def load_local_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
@@ -187,9 +189,8 @@ def load_local_runs(roots: Sequence[Path]) -> tuple[list[Run], list[str]]:
     runs, problems = [], []
     for path in (path for root in roots for path in sorted(root.rglob("summary.json"))):
         try:
-            summary = json.loads(path.read_text())
-            stamp, overrides = finished_at(summary, path), _read_overrides(path)
-            runs.append(run_from_summary(summary, display_path(path), stamp, overrides, path.parent))
+            fields = {"source": display_path(path), "overrides": _read_overrides(path), "folder": path.parent}
+            runs.append(read_run(path, **fields)[1])
         except (OSError, ValueError, KeyError, TypeError) as error:
             problems.append(f"{display_path(path)}: unreadable summary ({type(error).__name__}: {error})")
     return runs, problems
@@ -258,10 +259,6 @@ def deduplicate(runs: Iterable[Run]) -> tuple[list[Run], list[Run]]:
     return kept, superseded
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "unknown"
-
-
 def collect_runs(sweep_dir: Path, runs_dir: Path) -> list[Path]:
     """Copy each summary.json under ``sweep_dir`` (with its Hydra overrides and learning curve) to
     ``<runs_dir>/<profile>/<device>/<task>/<attention>/seed<k>-<variant>/``; returns the summaries written.
@@ -273,18 +270,14 @@ def collect_runs(sweep_dir: Path, runs_dir: Path) -> list[Path]:
         raise FileNotFoundError(f"--collect {sweep_dir}: no such folder; pass a Hydra sweep or run directory")
     copied = []
     for path in sorted(sweep_dir.rglob("summary.json")):
-        summary = json.loads(path.read_text())
-        run = run_from_summary(summary, timestamp=finished_at(summary, path))
+        summary, run = read_run(path)
         target = runs_dir / slug(run.profile) / slug(run.device) / run.task / run.attention
         target /= f"seed{run.seed}-{run.variant}"
         existing = target / "summary.json"
-        if existing.is_file():
-            if existing.resolve() == path.resolve():
-                continue
-            old_summary = json.loads(existing.read_text())
-            old = run_from_summary(old_summary, timestamp=finished_at(old_summary, existing))
-            if _preference(old) > _preference(run):
-                continue
+        if existing.is_file() and (
+            existing.resolve() == path.resolve() or _preference(read_run(existing)[1]) > _preference(run)
+        ):
+            continue
         target.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, existing)  # copy2 keeps the mtime, which decides between duplicates later
         overrides = path.parent / ".hydra" / "overrides.yaml"
