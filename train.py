@@ -15,6 +15,7 @@ import os
 import shlex
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import hydra
@@ -120,6 +121,8 @@ def main(cfg: DictConfig) -> float:
             metrics=metrics,
             global_step=trainer.global_step,
             wall_time_s=time.time() - started,
+            # Decides between two runs of one results cell; file times do not survive a copy or a clone.
+            finished_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             data=datamodule.describe(),
             attention_values=[a.log_values() for a in model.encoder.attentions],
             perf={key: value for c in callbacks for key, value in getattr(c, "summary", {}).items()},

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+from datetime import datetime
 
 import pytest
 
@@ -18,6 +19,7 @@ def _check_summary(summary: dict, task: str, attention: str) -> None:
     assert perf["steps_per_s"] > 0 and perf["tokens_per_s"] > 0 and perf["peak_mem_gb"] > 0
     assert summary["versions"]["torch"] and summary["device"] and summary["git_commit"]
     assert summary["config"]["task"]["name"] == task
+    assert datetime.fromisoformat(summary["finished_at"]).tzinfo is not None
 
 
 def test_every_attention_trains_on_listops_with_wandb(tmp_path):
