@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from filelock import FileLock, Timeout
@@ -83,17 +83,22 @@ def atomic_directory(final: Path, build: Callable[[Path], None]) -> Path:
     return final
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file through a temporary file and a rename, so readers never see half of it."""
+def atomic_write(path: Path, write: Callable[[IO[Any]], Any], binary: bool = False) -> None:
+    """``write(handle)`` into a temporary sibling of ``path``, then a rename: readers never see half a file,
+    and a failed write leaves the previous one in place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(path)
     try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            handle.write(text)
+        with open(tmp, "xb" if binary else "x", encoding=None if binary else "utf-8") as handle:
+            write(handle)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda handle: handle.write(text))
 
 
 def cached_arrays(directory: Path, build: Callable[[], ArraySplits]) -> ArraySplits:

@@ -10,10 +10,11 @@ import math
 import re
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from data.cache import atomic_write_text
+from data.cache import atomic_write, atomic_write_text
 from lra.bench_rows import METRICS, OperatorTable, device_label, load_rows, setting_text, status_text
 from lra.markdown import md_table
 from lra.registry import published_efficiency_4k
@@ -309,7 +310,8 @@ def plot(table: OperatorTable, out_dir: Path) -> list[Path]:
         fig.suptitle(f"{table.rows[0].get('device_name')}: {setting_text(setting)}", fontsize=10)
         fig.tight_layout()
         fig.legend(handles, names, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
-        fig.savefig(out_dir / f"{name}.png", dpi=110, bbox_inches="tight")
+        save = partial(fig.savefig, format="png", dpi=110, bbox_inches="tight")
+        atomic_write(out_dir / f"{name}.png", save, binary=True)
         written.append(out_dir / f"{name}.png")
     return written
 

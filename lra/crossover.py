@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from data.cache import atomic_write_text
 from lra.timing import time_calls
 from models.attention.crossover import CROSSOVER_TABLE, crossover_n0
 from models.attention.taylorshift import TaylorShiftAttention
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     table = merge_table(str(CROSSOVER_TABLE), args.device, args.dtype, measured)
     print(json.dumps(table, indent=2))
     if args.write:
-        CROSSOVER_TABLE.write_text(json.dumps(table, indent=2) + "\n")
+        atomic_write_text(CROSSOVER_TABLE, json.dumps(table, indent=2) + "\n")
         print(f"wrote {CROSSOVER_TABLE}")
 
 

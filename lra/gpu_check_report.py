@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from data.cache import atomic_write_text
+from data.cache import atomic_write, atomic_write_text
 from lra.bench_report import (
     environment_section,
     find_row,
@@ -232,7 +233,7 @@ def model_plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     device = model_rows[0].get("device_name")
     fig.suptitle(f"{device}: model level, each task at its official size", fontsize=10)
     fig.tight_layout()
-    fig.savefig(out_dir / "model_vs_softmax.png", dpi=100)
+    atomic_write(out_dir / "model_vs_softmax.png", partial(fig.savefig, format="png", dpi=100), binary=True)
     return [out_dir / "model_vs_softmax.png"]
 
 

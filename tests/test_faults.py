@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.base import LRADataModule
-from data.cache import atomic_directory, cached_arrays
+from data.cache import atomic_directory, atomic_write, cached_arrays
 from data.listops import ListOpsDataModule, generate_listops, write_listops_tsv
 from lra.module import LRAClassifier, NonFiniteLossError
 from lra.validate import ConfigError, validate_config
@@ -187,6 +187,28 @@ def test_sigkilled_build_is_cleaned_up_by_the_next_one(tmp_path):
     assert not list(target.parent.glob(".tmp-*"))
 
 
+def test_a_failed_report_or_figure_write_keeps_the_previous_file(tmp_path):
+    """Reports, tables and figures go through atomic_write: a writer that dies half way leaves the old file
+    and no temporary sibling."""
+    from matplotlib.figure import Figure  # no pyplot, no backend: as the reports draw
+
+    path = tmp_path / "report" / "figure.png"
+    figure = Figure()
+    figure.subplots().plot([0, 1], [1, 0])
+    atomic_write(path, functools.partial(figure.savefig, format="png"), binary=True)
+    before = path.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def dies_half_way(handle):
+        handle.write(b"\x89PNG half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        atomic_write(path, dies_half_way, binary=True)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in path.parent.iterdir()) == ["figure.png"]
+
+
 CONCURRENT_BUILD = """
 import sys, time, hashlib, os
 from pathlib import Path
@@ -225,20 +247,15 @@ def test_two_processes_building_the_same_cache_build_it_once(tmp_path):
     _assert_cache_clean(tmp_path)
 
 
+def tiny_model(attention, **options) -> LRAModel:
+    """One layer, 16 wide, for 16 tokens of a 17-token vocabulary and 10 classes."""
+    sizes = dict(vocab_size=17, seq_len=16, num_classes=10, d_model=16, mlp_dim=32, n_layers=1, num_heads=2)
+    return LRAModel(attention, **sizes, qkv_dim=16, **options)
+
+
 def test_sequence_longer_than_the_model_is_a_clear_error():
-    model = LRAModel(
-        functools.partial(LinformerAttention, proj_len=8),
-        vocab_size=17,
-        seq_len=16,
-        num_classes=10,
-        d_model=16,
-        mlp_dim=32,
-        n_layers=1,
-        num_heads=2,
-        qkv_dim=16,
-    )
     module = LRAClassifier(
-        model,
+        tiny_model(functools.partial(LinformerAttention, proj_len=8)),
         optimizer=torch.optim.AdamW,
         scheduler=_CONSTANT,
         num_classes=10,
@@ -349,20 +366,8 @@ class Inject(L.Callback):
 
 def _fit(inject, max_nonfinite_steps=0, max_steps=6, precision="32-true", accelerator="cpu"):
     torch.manual_seed(0)
-    model = LRAModel(
-        SoftmaxAttention,
-        vocab_size=17,
-        seq_len=16,
-        num_classes=10,
-        d_model=16,
-        mlp_dim=32,
-        n_layers=1,
-        num_heads=2,
-        qkv_dim=16,
-        dropout=0.0,
-    )
     module = LRAClassifier(
-        model,
+        tiny_model(SoftmaxAttention, dropout=0.0),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-3),
         scheduler=_CONSTANT,
         num_classes=10,

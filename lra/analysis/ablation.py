@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from data.cache import atomic_write_text
 from lra.analysis.runs import analysis_parser, grad_series, launch, read_metrics, save_figure, shown
 from lra.errors import MissingDataError, run_cli
 from lra.markdown import md_table
@@ -277,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
             training_table(runs),
         ]
-    (args.out / "ablation.md").write_text("\n".join(sections))
+    atomic_write_text(args.out / "ablation.md", "\n".join(sections))
     print(f"wrote {args.out / 'ablation.md'}")
 
 

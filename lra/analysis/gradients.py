@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
+from data.cache import atomic_write_text
 from lra.analysis.runs import (
     analysis_parser,
     grad_series,
@@ -212,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "",
             training_table(runs),
         ]
-    (args.out / "gradients.md").write_text("\n".join(sections))
+    atomic_write_text(args.out / "gradients.md", "\n".join(sections))
     print(f"wrote {args.out / 'gradients.md'}")
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
+from data.cache import atomic_write_text
 from lra.analysis.runs import analysis_parser, save_figure
 from lra.bench import DTYPES, calibration_row, environment, select_device, shared_bench_config
 from lra.bench_levels import OperatorBench, variants_from_config
@@ -195,7 +196,7 @@ def write_report(rows: list[dict[str, Any]], args: argparse.Namespace) -> Path:
             for row in problems
         ]
     path = args.out / f"heads_{args.label}.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     print(f"wrote {path} and {figure}")
     return path
 
@@ -235,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         started = time.time()
         rows = measure(args)
         rows.append({"kind": "heads_run", "argv": args.argv, "seconds": time.time() - started})
-        jsonl.write_text("".join(json.dumps(to_jsonable(row), sort_keys=True) + "\n" for row in rows))
+        atomic_write_text(jsonl, "".join(json.dumps(to_jsonable(row), sort_keys=True) + "\n" for row in rows))
     return write_report(rows, args)
 
 

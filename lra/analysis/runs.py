@@ -20,6 +20,7 @@ from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
+from data.cache import atomic_write
 from lra.build import build_model
 from lra.errors import MissingCheckpointError, MissingDataError, OutputExistsError
 from lra.summary import REPO_ROOT
@@ -152,6 +153,5 @@ def analysis_parser(
 
 
 def save_figure(figure: Figure, path: Path, dpi: int = 100, **savefig: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=dpi, **savefig)
+    atomic_write(path, lambda handle: figure.savefig(handle, format="png", dpi=dpi, **savefig), binary=True)
     return path

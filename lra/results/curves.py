@@ -7,11 +7,13 @@ as ``curve.csv`` beside the committed ``summary.json``, so the figures regenerat
 from __future__ import annotations
 
 import re
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from data.cache import atomic_write
 from lra.registry import registered_attentions
 
 if TYPE_CHECKING:
@@ -134,9 +136,8 @@ def plot_task(
     by_step.legend(loc="best", fontsize=8)
     figure.suptitle(f"{task}: {title} (line: mean over seeds, band: min–max)", fontsize=10)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     # No "Software" entry: the PNG bytes then depend only on the data and the matplotlib version.
-    figure.savefig(path, format="png", metadata={"Software": None})
+    atomic_write(path, partial(figure.savefig, format="png", metadata={"Software": None}), binary=True)
 
 
 def write_figures(report: Report, out_dir: Path) -> dict[tuple[str, str], list[tuple[str, str]]]:
