@@ -20,6 +20,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from data.cache import atomic_write_text, temporary_sibling
 from lra.errors import MissingCheckpointError, ResumeError
+from lra.summary import recorded_model
 
 LAST_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 WANDB_ID_FILE = "wandb_id"
@@ -107,6 +108,8 @@ def check_same_run(checkpoint: Path, out_dir: Path, config: dict[str, Any]) -> N
     if not saved_file.is_file():
         return
     saved = yaml.safe_load(saved_file.read_text()) or {}
+    # A run directory written before the model node's layout changed still continues.
+    saved, config = ({**tree, "model": recorded_model(tree)} for tree in (saved, config))
 
     def pick(tree: Any, dotted: str) -> Any:
         for part in dotted.split("."):

@@ -176,6 +176,20 @@ def test_a_reused_run_dir_with_another_model_is_refused(tmp_path):
         resume_checkpoint(None, tmp_path, wider)
 
 
+def test_a_run_dir_from_before_the_model_node_named_its_constructor_continues(tmp_path):
+    """Older runs recorded attn_dropout inside ``model`` and no ``_target_``; the same run today continues,
+    and a changed attention dropout still counts as another model."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    last.write_bytes(b"x")
+    saved = {"task": {"name": "listops"}, "model": {"d_model": 16, "attn_dropout": 0.1}, "seed": 0}
+    (tmp_path / "config_resolved.yaml").write_text(yaml.safe_dump(saved))
+    today = saved | {"model": {"_target_": "models.heads.LRAModel", "d_model": 16}, "attn_dropout": 0.1}
+    assert resume_checkpoint(None, tmp_path, today) == last
+    with pytest.raises(ValueError, match="different model; pass the original values"):
+        resume_checkpoint(None, tmp_path, today | {"attn_dropout": 0.0})
+
+
 def test_a_resumed_run_logs_to_the_same_wandb_run(tmp_path):
     overrides = [f"logger.{name}.save_dir={tmp_path}" for name in ("wandb", "csv")]
     cfg = compose_config(["logger=wandb", "logger.wandb.name=run", "logger.wandb.tags=[]", *overrides])

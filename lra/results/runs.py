@@ -18,7 +18,7 @@ import yaml
 
 from lra.registry import attention_rank
 from lra.results.curves import CURVE_FILE, read_curve, recorded_majority, slug, write_curve
-from lra.summary import REPO_ROOT
+from lra.summary import REPO_ROOT, recorded_model
 
 LRA_TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
 # The config nodes that change what is trained; paths, loggers, callbacks and the seed do not.
@@ -73,18 +73,11 @@ def recipe_variant(config: dict[str, Any] | None) -> str:
     """Short hash of the settings that change what is trained (RECIPE_NODES); "unknown" without a config."""
     if not config:
         return "unknown"
-    chosen = {node: config.get(node) for node in RECIPE_NODES}
+    # The model node in its recorded layout, so that a recipe keeps its hash (and committed runs their cells).
+    chosen = {node: recorded_model(config) if node == "model" else config.get(node) for node in RECIPE_NODES}
     for node, ignored in NOT_RECIPE_KEYS.items():
         if isinstance(chosen[node], dict):
             chosen[node] = {key: value for key, value in chosen[node].items() if key not in ignored}
-    # Hashed in the model node's layout before it named its constructor and handed attn_dropout to the root,
-    # so a recipe keeps its hash (and committed runs their cells); another backbone still hashes apart.
-    if isinstance(model := chosen["model"], dict):
-        if model.get("_target_") == "models.heads.LRAModel":
-            model = {key: value for key, value in model.items() if key != "_target_"}
-        chosen["model"] = (
-            {**model, "attn_dropout": config["attn_dropout"]} if "attn_dropout" in config else model
-        )
     return hashlib.sha1(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
