@@ -8,16 +8,15 @@ polynomial kernel with V' = [1, V]/N_v, zero at pads.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.attention.base import accumulation_dtype, count_real, require, require_choice
-from models.attention.kernels import IMPLS, select_impl
-from models.attention.kernels.poly_torch import Coefficients
+from models.attention.base import accumulation_dtype, count_real
+from models.attention.kernels import select_impl
+from models.attention.options import FastmaxOptions
 from models.attention.polynomial import (
     Augmentation,
     PolynomialAttention,
@@ -28,81 +27,6 @@ from models.attention.polynomial import (
 )
 
 _NORM_EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class FastmaxOptions:
-    """Fastmax's options, validated once; each is documented in ``conf/attention/fastmax.yaml``."""
-
-    order: int = 2
-    a0: float = 1.0
-    a1: float = 1.0
-    a2: float = 0.5
-    normalize: str = "maxnorm"
-    lim: float = 1.0
-    center: bool = False
-    temperature: float = 1.0
-    causal: bool = False
-    allow_global_norm_causal: bool = False
-    detach_norm: bool = False
-    dropout_mode: str = "none"
-    dropout: float = 0.0
-    impl: str = "auto"
-
-    def __post_init__(self) -> None:
-        order, lim, temperature = self.order, self.lim, self.temperature
-        a0, a1, a2 = self.a0, self.a1, self.a2
-        require(order in (1, 2), f"fastmax: order must be 1 or 2, got {order!r}")
-        require_choice(
-            "fastmax", "normalize", self.normalize, ("maxnorm", "running_maxnorm", "scaled", "none")
-        )
-        require(
-            temperature > 0 and lim > 0,
-            f"fastmax: temperature and lim must be > 0, got temperature={temperature}, lim={lim}",
-        )
-        require(
-            order == 1 or (a2 > 0 and a0 >= a1 * a1 / (4 * a2)),
-            f"fastmax: order 2 needs a2 > 0 and a0 >= a1²/(4·a2) so that the denominator stays positive; "
-            f"got a0={a0}, a1={a1}, a2={a2} (defaults 1, 1, 0.5)",
-        )
-        require(
-            order == 2 or lim <= 1,
-            f"fastmax: order 1 requires lim <= 1 (f(x) = a0 + a1·x is positive only for x >= -a0/a1), "
-            f"got lim={lim}",
-        )
-        require(
-            order == 2 or self.normalize in ("maxnorm", "running_maxnorm"),
-            f"fastmax: order 1 needs bounded logits, i.e. normalize='maxnorm' or 'running_maxnorm'; "
-            f"normalize={self.normalize!r} can make the denominator negative",
-        )
-        require(
-            order == 2 or a0 >= abs(a1) * lim * lim / temperature,
-            f"fastmax: order 1 needs a0 >= |a1|·lim²/T so that f(x) >= 0 for |x| <= lim²/T; "
-            f"got a0={a0}, a1={a1}, lim={lim}, temperature={temperature}",
-        )
-        require_choice("fastmax", "dropout_mode", self.dropout_mode, ("none", "feature", "output_noise"))
-        require(0.0 <= self.dropout < 1.0, f"fastmax: dropout must lie in [0, 1), got {self.dropout}")
-        require(
-            self.dropout == 0 or self.dropout_mode != "none",
-            f"fastmax: dropout={self.dropout} needs dropout_mode='feature' or 'output_noise'",
-        )
-        require(
-            not (self.causal and self.normalize == "maxnorm" and not self.allow_global_norm_causal),
-            "fastmax: normalize='maxnorm' with causal=true leaks the future through the sequence-global "
-            "max; use normalize='running_maxnorm', or set allow_global_norm_causal=true to accept the leak",
-        )
-        require_choice("fastmax", "impl", self.impl, IMPLS)
-
-    @property
-    def logit_coefficients(self) -> Coefficients:
-        """(a2, a1, a0) of f on the logits x = q̃·k̃/T (a2 = 0 for order 1)."""
-        return (self.a2 if self.order == 2 else 0.0), self.a1, self.a0
-
-    @property
-    def coefficients(self) -> Coefficients:
-        """(a, b, c) of the kernel on s = q̃·k̃, with T folded in."""
-        a2, a1, a0 = self.logit_coefficients
-        return a2 / self.temperature**2, a1 / self.temperature, a0
 
 
 def _max_norms(x: Tensor, mask: Tensor | None, normalize: str) -> Tensor:

@@ -10,17 +10,16 @@ multiplied by √(N_v/d) (N_v = real keys).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention.base import accumulation_dtype, count_real, require, require_choice
-from models.attention.crossover import threshold_n0
-from models.attention.kernels import IMPLS, select_impl
-from models.attention.kernels.poly_torch import Coefficients
+from models.attention.base import accumulation_dtype, count_real
+from models.attention.kernels import select_impl
+from models.attention.options import TaylorShiftOptions
 from models.attention.polynomial import (
     Augmentation,
     PolynomialAttention,
@@ -33,68 +32,6 @@ from models.attention.polynomial import (
 )
 
 _NORM_EPS = 1e-12
-
-
-@dataclass(frozen=True)
-class TaylorShiftOptions:
-    """TaylorShift's options, validated once; each is documented in ``conf/attention/taylorshift.yaml``."""
-
-    mode: str = "auto"
-    n0: int | str = "table"
-    a: float = 0.5
-    b: float = 1.0
-    c: float = 1.0
-    output_norm: bool = True
-    normalize_input: bool = True
-    causal: bool = False
-    dropout: float = 0.0
-    impl: str = "auto"
-    tau_init: float = 1.0
-    mask_padding: bool = True
-
-    def __post_init__(self) -> None:
-        n0_choices = ("table", "theory")
-        n0_ok = self.n0 in n0_choices or (type(self.n0) is int and self.n0 >= 0)
-        require_choice("taylorshift", "mode", self.mode, ("direct", "efficient", "auto"))
-        require(n0_ok, f"taylorshift: n0 must be one of {n0_choices} or a non-negative int, got {self.n0!r}")
-        require_choice("taylorshift", "impl", self.impl, IMPLS)
-        require(
-            self.impl != "triton" or self.mode != "direct",
-            "taylorshift: impl='triton' selects the kernel of the efficient mode, but mode='direct' never "
-            "uses it; use mode='efficient' or 'auto', or impl='torch'",
-        )
-        require(0.0 <= self.dropout < 1.0, f"taylorshift: dropout must lie in [0, 1), got {self.dropout}")
-        require(
-            not (self.causal and self.dropout > 0 and self.mode == "efficient"),
-            "taylorshift: the efficient mode has no causal dropout; use mode='direct' or dropout=0",
-        )
-        require(
-            self.a > 0 and self.c >= self.b * self.b / (4 * self.a),
-            f"taylorshift: f(x) = c + b·x + a·x² must stay positive, which needs a > 0 and c >= b²/(4a); "
-            f"got a={self.a}, b={self.b}, c={self.c} (defaults a=0.5, b=1, c=1)",
-        )
-
-    @property
-    def coefficients(self) -> Coefficients:
-        return self.a, self.b, self.c
-
-    def mode_at(
-        self,
-        seq_len: int,
-        head_dim: int,
-        dropout: float = 0.0,
-        device_kind: str = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ) -> str:
-        """``direct`` or ``efficient``: ``auto`` runs efficient iff N > n0, except under causal dropout."""
-        if self.mode != "auto":
-            return self.mode
-        threshold = threshold_n0(self.n0, device_kind, dtype, head_dim)
-        return "efficient" if seq_len > threshold and not (self.causal and dropout > 0) else "direct"
-
-    def efficient_scale(self, head_dim: int) -> float:
-        """s = d^(1/4), balancing the constant, linear and quadratic terms (1 without input normalisation)."""
-        return head_dim**0.25 if self.normalize_input else 1.0
 
 
 def _output_scale(mask: Tensor | None, causal: bool, shape: torch.Size, like: Tensor) -> Tensor:
