@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.base import LRADataModule
 from lra.resume import wandb_run_id
-from lra.summary import device_name
+from lra.summary import MODEL_TARGET, device_name
 from models.attention.base import Attention
 from models.heads import LRAModel
 
@@ -77,7 +77,7 @@ def build_model(
     module knows: vocabulary, length, classes, and whether examples are document pairs."""
     if "_target_" not in model_cfg:  # the config_resolved.yaml of a run older than the _target_ of this node
         legacy = {key: value for key, value in model_cfg.items() if key != "attn_dropout"}
-        model_cfg = OmegaConf.create({"_target_": "models.heads.LRAModel", **legacy})
+        model_cfg = OmegaConf.create({"_target_": MODEL_TARGET, **legacy})
     return instantiate(
         model_cfg,
         attention=attention,

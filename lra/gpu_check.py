@@ -211,9 +211,8 @@ def run_check(args: argparse.Namespace, preset: dict[str, Any]) -> int:
     )
     carry, failed = 0.0, False
     for name in stages:
-        budget = max(
-            budgets[name] / 2, budgets[name] + carry
-        )  # an overrun shortens later stages, never below half
+        # An overrun shortens the later stages, never below half their budget.
+        budget = max(budgets[name] / 2, budgets[name] + carry)
         stage_start = time.time()
         deadline = stage_start + budget
         print(f"\n== gpu_check: stage {name} (budget {budget:.0f} s)", flush=True)

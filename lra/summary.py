@@ -14,6 +14,9 @@ import torch
 from data.cache import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The constructor the ``model`` config node names; runs recorded before it did carry neither it nor the root
+# attn_dropout (which lived in the node). recorded_model and lra.build.build_model convert between the two.
+MODEL_TARGET = "models.heads.LRAModel"
 
 
 def recorded_model(config: dict[str, Any]) -> Any:
@@ -22,7 +25,7 @@ def recorded_model(config: dict[str, Any]) -> Any:
     model = config.get("model")
     if not isinstance(model, dict):
         return model
-    if model.get("_target_") == "models.heads.LRAModel":  # another backbone keeps its target, so differs
+    if model.get("_target_") == MODEL_TARGET:  # another backbone keeps its target, so differs
         model = {key: value for key, value in model.items() if key != "_target_"}
     return {**model, "attn_dropout": config["attn_dropout"]} if "attn_dropout" in config else model
 

@@ -9,6 +9,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from lra.build import build_model
+from lra.summary import MODEL_TARGET
 from tests.helpers import ATTENTIONS, TASKS, compose_config
 
 
@@ -63,6 +64,7 @@ def test_a_model_node_from_before_its_target_still_builds_the_same_model():
     """Analyses rebuild models from old runs' config_resolved.yaml, whose model node had no ``_target_`` and
     held attn_dropout."""
     cfg = compose_config(["task=listops", "attention=softmax", "profile=cpu"])
+    assert cfg.model._target_ == MODEL_TARGET  # the name both layout conversions rely on
     legacy = OmegaConf.to_container(cfg.model)
     del legacy["_target_"]
     legacy["attn_dropout"] = cfg.attn_dropout

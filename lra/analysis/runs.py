@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from data.cache import atomic_write
+from data.cache import atomic_write, atomic_write_text
 from lra.build import build_model
 from lra.errors import MissingCheckpointError, MissingDataError, OutputExistsError
 from lra.summary import REPO_ROOT
@@ -61,7 +61,7 @@ def launch(
         run_dir.mkdir(parents=True, exist_ok=True)
         with open(run_dir / "train.log", "w") as log:
             code = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
-        (run_dir / "exit_code").write_text(str(code))
+        atomic_write_text(run_dir / "exit_code", str(code))
         if fatal and code:
             raise RuntimeError(f"training {key} failed (exit {code}); see {run_dir / 'train.log'}")
 
