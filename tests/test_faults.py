@@ -457,6 +457,9 @@ def _validate(*overrides):
         (["eval.checkpoint=best"], r"eval.checkpoint='best' is not one of"),
         (["scheduler.name=step"], r"scheduler.name='step'"),
         (["trainer.max_nonfinite_steps=-1"], r"trainer.max_nonfinite_steps=-1 must be an integer >= 0"),
+        (["attention=softmax", "attn_dropout=1.5"], r"softmax: dropout \(the task's attn_dropout.*got 1\.5"),
+        (["attention=linformer", "attn_dropout=abc"], r"linformer: dropout .*must lie in .*got 'abc'"),
+        (["attention=taylorshift", "attention.dropout=-0.1"], r"taylorshift: dropout must lie in \[0, 1\)"),
     ],
 )
 def test_impossible_configs_fail_with_the_keys_to_fix(overrides, expected):

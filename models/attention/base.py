@@ -123,6 +123,12 @@ def require_choice(owner: str, option: str, value: object, choices: tuple[object
     require(value in choices, f"{owner}: unknown {option} {value!r}; choose one of {choices}")
 
 
+def require_probability(owner: str, option: str, value: object) -> None:
+    """A dropout rate, a number in [0, 1): a bad one fails when built, not in the first training step."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    require(number and 0.0 <= value < 1.0, f"{owner}: {option} must lie in [0, 1), got {value!r}")
+
+
 def zero_pads(tensors: tuple[Tensor, ...], mask: Tensor) -> tuple[Tensor, ...]:
     """``[B, H, N, *]`` tensors zeroed where ``mask`` ``[B, N]`` is False, by a select (0·NaN = NaN)."""
     keep = mask[:, None, :, None]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention.base import Attention, require, require_choice, zero_pads
+from models.attention.base import Attention, require, require_choice, require_probability, zero_pads
 
 
 def _check_length(seq_len: int, e_proj: Tensor) -> None:
@@ -81,7 +81,7 @@ class LinformerAttention(Attention):
             f"linformer: proj_len must lie in [1, max_len={self.max_len}], got {proj_len}; "
             f"lower attention.proj_len for this task",
         )
-        require(0.0 <= dropout < 1.0, f"linformer: dropout must lie in [0, 1), got {dropout}")
+        require_probability("linformer", "dropout (the task's attn_dropout unless set)", dropout)
         self.proj_len, self.share, self.dropout = proj_len, share, dropout
         bound = 1.0 / math.sqrt(proj_len)
         self.e_proj = nn.Parameter(torch.empty(proj_len, self.max_len).uniform_(-bound, bound))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models.attention.base import require, require_choice
+from models.attention.base import require, require_choice, require_probability
 from models.attention.crossover import threshold_n0
 from models.attention.kernels import IMPLS
 from models.attention.kernels.poly_torch import Coefficients
@@ -41,7 +41,7 @@ class TaylorShiftOptions:
             "taylorshift: impl='triton' selects the kernel of the efficient mode, but mode='direct' never "
             "uses it; use mode='efficient' or 'auto', or impl='torch'",
         )
-        require(0.0 <= self.dropout < 1.0, f"taylorshift: dropout must lie in [0, 1), got {self.dropout}")
+        require_probability("taylorshift", "dropout", self.dropout)
         require(
             not (self.causal and self.dropout > 0 and self.mode == "efficient"),
             "taylorshift: the efficient mode has no causal dropout; use mode='direct' or dropout=0",
@@ -126,7 +126,7 @@ class FastmaxOptions:
             f"got a0={a0}, a1={a1}, lim={lim}, temperature={temperature}",
         )
         require_choice("fastmax", "dropout_mode", self.dropout_mode, ("none", "feature", "output_noise"))
-        require(0.0 <= self.dropout < 1.0, f"fastmax: dropout must lie in [0, 1), got {self.dropout}")
+        require_probability("fastmax", "dropout", self.dropout)
         require(
             self.dropout == 0 or self.dropout_mode != "none",
             f"fastmax: dropout={self.dropout} needs dropout_mode='feature' or 'output_noise'",

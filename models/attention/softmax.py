@@ -11,7 +11,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models.attention.base import Attention, require
+from models.attention.base import Attention, require, require_probability
 
 BACKENDS: dict[str, SDPBackend | None] = {
     "auto": None,
@@ -77,6 +77,7 @@ class SoftmaxAttention(Attention):
             backend in BACKENDS,
             f"softmax: unknown SDPA backend {backend!r}; choose one of {sorted(BACKENDS)}",
         )
+        require_probability("softmax", "dropout (the task's attn_dropout unless set)", dropout)
         self.backend = backend
         self.dropout = dropout
         self.dispatched: str | None = None if BACKENDS[backend] is None else backend
